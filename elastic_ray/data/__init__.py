@@ -1,0 +1,1 @@
+"""Data sets and shard I/O for elastic_ray."""

@@ -1,0 +1,206 @@
+"""A transformers `Cache` whose layers hold compressed, per-row packed entries.
+
+Layout: row b's entries sit right-aligned in every layer, in the order the method keeps
+them; the decode mask marks exactly those columns (plus the new token), so rows can keep
+different counts. Spec: shared/notes/transformers-cache.md §4.
+"""
+
+import torch
+from torch import Tensor
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from elastic_ray.kv.entries import Selection, apply_selection, pack_order
+from elastic_ray.kv.policy import CachePolicy
+
+
+def _gather_columns(tensor: Tensor, index: Tensor) -> Tensor:
+    """tensor [B, H, W, *], index [B, H, W'] -> [B, H, W', *]."""
+    if tensor.dim() == 3:
+        return tensor.gather(2, index)
+    return tensor.gather(2, index.unsqueeze(-1).expand(*index.shape, tensor.shape[-1]))
+
+
+def _grow(tensor: Tensor, fill) -> Tensor:
+    """Add one column (dim 2) filled with `fill`."""
+    return torch.cat([tensor, tensor.new_full((*tensor.shape[:2], 1, *tensor.shape[3:]), fill)], dim=2)
+
+
+class CompressedLayer(CacheLayerMixin):
+    """One decoder layer's entries: the raw prompt until the prompt stage, then compressed.
+
+    Rows are right-aligned: row b's entries fill columns [W - lengths[b], W), so with nothing
+    removed the layout is exactly the left-padded one of a plain `DynamicCache`.
+    """
+
+    is_compileable = False
+    is_croppable = False
+    is_sliding = False
+
+    def __init__(self):
+        super().__init__()
+        self.compressed = False
+        self.lengths: Tensor | None = None  # [B] entries per row
+        self.positions: Tensor | None = None  # [B, H, W] original token index of each entry, -1 = empty
+        self.scores: Tensor | None = None  # [B, H, W] accumulated attention (methods that need it)
+        self.seen_tokens = 0  # logical columns seen, pads included
+
+    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.is_initialized = True
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.seen_tokens += key_states.shape[-2]
+        if not self.compressed:
+            if self.keys is not None:
+                raise RuntimeError("a compressed cache takes the whole prompt in one forward")
+            self.keys, self.values = key_states, value_states
+            return self.keys, self.values
+        if key_states.shape[-2] != 1:
+            raise RuntimeError("after the prompt stage a compressed cache takes one token per forward")
+        self.keys = torch.cat([self.keys, key_states], dim=2)
+        self.values = torch.cat([self.values, value_states], dim=2)
+        self.positions = _grow(self.positions, -1)
+        if self.scores is not None:
+            self.scores = _grow(self.scores, 0.0)
+        self.lengths = self.lengths + 1
+        return self.keys, self.values
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        if not self.compressed:
+            return query_length, 0
+        return self.keys.shape[2] + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.seen_tokens
+
+    def get_max_length(self) -> int:
+        return -1
+
+    @property
+    def width(self) -> int:
+        return self.keys.shape[2]
+
+    def logical_index(self) -> Tensor:
+        """[B, W] physical column of each row's i-th entry (wrapping past the row's end)."""
+        return (torch.arange(self.width, device=self.lengths.device)[None, :] + self.width - self.lengths[:, None]) % self.width
+
+    def compress_prompt(self, selection: Selection, real: Tensor, scores: Tensor | None) -> None:
+        """Replace the raw, left-padded prompt by the selected entries, right-aligned per row."""
+        heads = self.keys.shape[1]
+        packed_index = pack_order(real)[:, None, :].expand(-1, heads, -1)
+        kept = apply_selection(
+            _gather_columns(self.keys, packed_index), _gather_columns(self.values, packed_index), selection
+        )
+        if scores is not None:  # [B, H, T] in packed order, carried along for methods that accumulate
+            kept_scores = scores.gather(2, kept.positions.clamp(min=0)).masked_fill(kept.positions < 0, 0.0)
+        self.keys, self.values, self.lengths = kept.keys, kept.values, kept.lengths
+        # Packed-left -> right-aligned: column j takes packed entry (j + length) mod W.
+        width = self.width
+        index = ((torch.arange(width, device=real.device)[None, :] + self.lengths[:, None]) % width)
+        index = index[:, None, :].expand(-1, heads, -1)
+        self.keys, self.values = _gather_columns(self.keys, index), _gather_columns(self.values, index)
+        self.positions = self._blank(_gather_columns(kept.positions, index), -1)
+        self.scores = None if scores is None else self._blank(_gather_columns(kept_scores, index), 0.0)
+        self.compressed = True
+
+    def valid(self) -> Tensor:
+        """[B, W] bool, the columns that hold entries."""
+        return torch.arange(self.width, device=self.lengths.device)[None, :] >= (self.width - self.lengths)[:, None]
+
+    def _blank(self, tensor: Tensor, fill) -> Tensor:
+        return tensor.masked_fill(~self.valid()[:, None, :], fill)
+
+    def record_new_positions(self, seen: Tensor) -> None:
+        """Label the entry just appended (the last column) with its original token index."""
+        self.positions[:, :, -1] = (seen - 1)[:, None]
+
+    def logical(self, tensor: Tensor) -> Tensor:
+        """[B, H, W] in physical columns -> each row's entries first, in order."""
+        return _gather_columns(tensor, self.logical_index()[:, None, :].expand_as(tensor))
+
+    def evict(self, rows: Tensor, victims: Tensor) -> None:
+        """Delete each row's `victims[b, h]`-th entry (rows in `rows`), shifting older entries right."""
+        if not bool(rows.any()):
+            return
+        width = self.width
+        column = torch.arange(width, device=self.keys.device)[None, None, :]
+        victim_column = (width - self.lengths)[:, None, None] + victims[:, :, None]
+        shift = rows[:, None, None] & (column <= victim_column)
+        index = (column - shift.long()).clamp(min=0)
+        self.keys, self.values = _gather_columns(self.keys, index), _gather_columns(self.values, index)
+        self.positions = _gather_columns(self.positions, index)
+        if self.scores is not None:
+            self.scores = _gather_columns(self.scores, index)
+        self.lengths = self.lengths - rows.long()
+        self._trim()
+
+    def _trim(self) -> None:
+        """Drop the leading columns that no row uses any more."""
+        start = self.width - int(self.lengths.max())
+        self.keys, self.values = self.keys[:, :, start:], self.values[:, :, start:]
+        self.positions = self._blank(self.positions[:, :, start:], -1)
+        if self.scores is not None:
+            self.scores = self._blank(self.scores[:, :, start:], 0.0)
+
+    def reorder_cache(self, beam_idx: Tensor) -> None:
+        raise NotImplementedError("beam search is not supported with a compressed cache")
+
+    def batch_select_indices(self, indices: Tensor) -> None:
+        raise NotImplementedError("batch selection is not supported with a compressed cache")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise NotImplementedError("batch expansion is not supported with a compressed cache")
+
+
+class CompressedCache(Cache):
+    """One `CompressedLayer` per decoder layer plus the per-row state they share.
+
+    `seen` [B] counts real tokens (prompt without pads, plus tokens fed since); `truncation`
+    [B] is each row's fixed eviction index; `evicting` [B] flags rows over budget this step.
+    """
+
+    def __init__(self, policy: CachePolicy, num_layers: int):
+        super().__init__(layers=[CompressedLayer() for _ in range(num_layers)])
+        self.policy = policy
+        self.seen: Tensor | None = None
+        self.real: Tensor | None = None  # [B, S] the raw prompt's non-pad columns
+        self.truncation: Tensor | None = None
+        self.evicting: Tensor | None = None
+        self.history: list[Tensor] = []  # lengths after each forward, one [B] tensor per step
+
+    @property
+    def prefilled(self) -> bool:
+        return self.layers[0].compressed
+
+    @property
+    def lengths(self) -> Tensor:
+        return self.layers[0].lengths
+
+    def get_query_offset(self, layer_idx: int = 0) -> int:
+        # Queries sit right after the stored entries (never 0 once entries are stored).
+        return self.layers[0].width if self.prefilled else 0
+
+    def begin_prompt(self, real: Tensor) -> None:
+        self.real = real
+        self.seen = real.sum(1)
+
+    def end_prompt(self) -> None:
+        self.truncation = self.policy.truncation_points(self.lengths)
+        self.history.append(self.lengths.clone())
+
+    def begin_step(self) -> Tensor:
+        """Advance one token; returns the decode mask [B, W+1] over stored entries plus the new one."""
+        self.seen = self.seen + 1
+        self.evicting = self.policy.over_budget(self.lengths + 1, self.seen)
+        return torch.cat([self.layers[0].valid(), self.seen.new_ones(self.seen.shape[0], 1, dtype=torch.bool)], dim=1)
+
+    def end_step(self) -> None:
+        self.history.append(self.lengths.clone())
+
+    def reset(self):
+        raise NotImplementedError("use a fresh CompressedCache per generate call")
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("a compressed cache cannot be cropped")

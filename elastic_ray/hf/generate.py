@@ -1,0 +1,27 @@
+"""transformers' own `generate()` running on a `CompressedCache`."""
+
+import torch
+from torch import nn
+
+from elastic_ray.hf.cache import CompressedCache
+from elastic_ray.hf.hooks import compressed_cache_hooks
+from elastic_ray.kv.policy import CachePolicy
+from elastic_ray.models.family import Family, family_of
+
+
+def check_positions(policy: CachePolicy, family: Family) -> None:
+    if policy.positions not in family.positions_modes:
+        raise ValueError(
+            f"positions={policy.positions!r} is not possible for {family.model_type}; "
+            f"allowed: {list(family.positions_modes)}"
+        )
+
+
+def generate_compressed(model: nn.Module, inputs: dict, policy: CachePolicy, family: Family | None = None, **kwargs):
+    """Run `model.generate(**inputs, **kwargs)` with a fresh compressed cache; returns (output, cache)."""
+    family = family or family_of(model)
+    check_positions(policy, family)
+    cache = CompressedCache(policy, len(family.attentions))
+    with compressed_cache_hooks(family), torch.no_grad():
+        output = model.generate(**inputs, past_key_values=cache, **kwargs)
+    return output, cache

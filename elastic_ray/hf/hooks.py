@@ -1,0 +1,96 @@
+"""Forward hooks that drive a `CompressedCache` inside transformers' own forward.
+
+- On the decoder stack (pre-hook): start the prompt or the step, swap the 2-D mask for one
+  over the stored entries, and rotate the new token at its compact position if asked.
+- On every attention module (post-hook): score the prompt and compress it right after the
+  layer's own prompt attention; during decoding, accumulate scores and evict.
+"""
+
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from elastic_ray.hf.cache import CompressedCache
+from elastic_ray.kv.entries import pack_order
+from elastic_ray.kv.importance import attention_column_sums, reduce_heads
+from elastic_ray.models.family import Family, attention_queries
+
+
+def _decoder_pre_hook(module: nn.Module, args: tuple, kwargs: dict):
+    cache = kwargs.get("past_key_values")
+    if not isinstance(cache, CompressedCache):
+        return None
+    embeds = kwargs.get("inputs_embeds")
+    batch, length = embeds.shape[:2]
+    mask = kwargs.get("attention_mask")
+    if not cache.prefilled:
+        real = mask[:, -length:].bool() if mask is not None else torch.ones(batch, length, dtype=torch.bool)
+        cache.begin_prompt(real.to(embeds.device))
+        return None
+    if length != 1:
+        raise RuntimeError("after the prompt stage a compressed cache takes one token per forward")
+    kwargs["attention_mask"] = cache.begin_step().to(mask.dtype if mask is not None else torch.long)
+    if cache.policy.positions == "compact":
+        kwargs["position_ids"] = cache.lengths[:, None].clone()
+    return args, kwargs
+
+
+def _attention_post_hook(cache_layers: int):
+    def hook(module: nn.Module, args: tuple, kwargs: dict, output):
+        cache = kwargs.get("past_key_values")
+        if not isinstance(cache, CompressedCache):
+            return None
+        layer = cache.layers[module.layer_idx]
+        policy = cache.policy
+        if not layer.compressed:
+            scores = _scores(module, kwargs, layer.keys, cache.real, cache.real, 0, policy.prompt_scores)
+            packed = None if scores is None else _pack(scores, cache.real)
+            per_head = packed if policy.prompt_scores == "kv" else None
+            layer.compress_prompt(policy.select_prompt(packed, cache.seen), cache.real, per_head)
+            if module.layer_idx == cache_layers - 1:
+                cache.end_prompt()
+            return None
+        layer.record_new_positions(cache.seen)
+        scores = None
+        if policy.decode_scores:
+            valid = layer.valid()
+            new = torch.ones(valid.shape[0], 1, dtype=torch.bool, device=valid.device)
+            layer.scores += _scores(module, kwargs, layer.keys, valid, new, layer.width - 1, "kv")
+            scores = layer.logical(layer.scores)
+        layer.evict(cache.evicting, policy.victims(scores, layer.lengths, cache.truncation, layer.keys.shape[1]))
+        if module.layer_idx == cache_layers - 1:
+            cache.end_step()
+        return None
+
+    return hook
+
+
+def _scores(module, kwargs, keys, key_valid, query_valid, query_offset, mode):
+    """Attention each stored key received from this forward's queries, reduced as the method asks."""
+    if mode is None:
+        return None
+    queries = attention_queries(module, kwargs["hidden_states"], kwargs["position_embeddings"])
+    sums = attention_column_sums(queries, keys, module.scaling, key_valid, query_valid, query_offset)
+    return reduce_heads(sums, mode, keys.shape[1])
+
+
+def _pack(scores: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """Move each row's real columns to the front, in order ([..., S] with real [B, S])."""
+    order = pack_order(real)
+    if scores.dim() == 3:
+        order = order[:, None, :].expand_as(scores)
+    return scores.gather(-1, order)
+
+
+@contextmanager
+def compressed_cache_hooks(family: Family):
+    """Install the hooks for the duration of a `generate` (or forward) call with a CompressedCache."""
+    handles = [family.decoder.register_forward_pre_hook(_decoder_pre_hook, with_kwargs=True)]
+    post = _attention_post_hook(len(family.attentions))
+    handles += [a.register_forward_hook(post, with_kwargs=True) for a in family.attentions]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

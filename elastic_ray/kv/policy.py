@@ -1,0 +1,82 @@
+"""The interface every cache method implements, and the pieces they share."""
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from elastic_ray.kv.budget import over_budget, peak_entries, prompt_kept
+from elastic_ray.kv.entries import Selection, real_mask
+
+
+@dataclass(frozen=True)
+class CachePolicy:
+    """A KV-cache method: what to keep after the prompt, what to evict after each token.
+
+    Every method shares the budget rule of spec §10; subclasses choose *which* entries.
+    Tensors follow one layout: row b's entries packed in [0, lengths[b]).
+    """
+
+    budget: float = 1.0
+
+    name: ClassVar[str]
+    prompt_scores: ClassVar[str | None] = None  # None, "mean" (over query heads) or "kv" (per KV head)
+    decode_scores: ClassVar[bool] = False  # True: accumulate each new query's attention
+    positions_modes: ClassVar[tuple[str, ...]] = ("original",)
+
+    def __post_init__(self):
+        if not 0.0 < self.budget <= 1.0:
+            raise ValueError(f"budget must be in (0, 1], got {self.budget!r}")
+
+    @property
+    def positions(self) -> str:
+        return "original"
+
+    @property
+    def reserved(self) -> int:
+        """Entries never compressed away, so the prompt stage keeps at least this many."""
+        return 0
+
+    @property
+    def evicts(self) -> bool:
+        return self.budget < 1.0
+
+    def prompt_kept(self, prompt_len: int) -> int:
+        return prompt_kept(prompt_len, self.budget, self.reserved)
+
+    def kept_counts(self, lengths: Tensor) -> Tensor:
+        return torch.tensor([self.prompt_kept(int(t)) for t in lengths.tolist()], device=lengths.device)
+
+    def peak_entries(self, prompt_len: int, max_new_tokens: int) -> int:
+        """Slot size: the most entries one sequence ever stores."""
+        return peak_entries(prompt_len, max_new_tokens, self.budget, self.reserved, self.evicts)
+
+    def over_budget(self, cache_lens: Tensor, seen: Tensor) -> Tensor:
+        """[B] bool: rows that evict one entry this step."""
+        if not self.evicts:
+            return torch.zeros_like(cache_lens, dtype=torch.bool)
+        return torch.tensor(
+            [over_budget(int(c), int(n), self.budget) for c, n in zip(cache_lens.tolist(), seen.tolist())],
+            device=cache_lens.device,
+        )
+
+    def truncation_points(self, kept: Tensor) -> Tensor:
+        """[B] per-row fixed eviction index, for methods that evict at a fixed point."""
+        return torch.full_like(kept, -1)
+
+    def select_prompt(self, scores: Tensor | None, lengths: Tensor) -> Selection:
+        """Choose the prompt entries to keep; scores are [B, T] ("mean") or [B, H, T] ("kv")."""
+        raise NotImplementedError
+
+    def victims(self, scores: Tensor | None, cache_lens: Tensor, truncation: Tensor, heads: int) -> Tensor:
+        """[B, heads] index of the entry each over-budget row evicts (its value on other rows is unused)."""
+        # A row shorter than its truncation point evicts its newest entry.
+        return torch.minimum(truncation, cache_lens - 1)[:, None].expand(-1, heads)
+
+
+def keep_first_and_last(lengths: Tensor, width: int, first: int, last: Tensor) -> Tensor:
+    """[B, 1, width] bool: the first `first` and the last `last[b]` real entries of each row."""
+    pos = torch.arange(width, device=lengths.device)[None, :]
+    real = real_mask(lengths, width)
+    return (real & ((pos < first) | (pos >= (lengths - last)[:, None])))[:, None, :]
