@@ -11,11 +11,19 @@ from transformers import (
     PreTrainedTokenizerFast,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
-    Qwen2VLProcessor,
 )
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+from elastic_ray.models.loading import IMAGE_ONLY_PROCESSORS
+
+# The shape of Qwen2-VL's own template, reduced to what a single-image user turn needs.
+QWEN_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] }} :"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}"
+    "<|vision_start|><|image_pad|><|vision_end|>{% else %} {{ part['text'] }}{% endif %}{% endfor %}"
+    " ;{% endfor %}{% if add_generation_prompt %} assistant :{% endif %}"
+)
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 WORDS = (
     "user assistant describe the image . : , ? a an of in on at is are what where how many color shape "
@@ -122,11 +130,7 @@ def random_qwen2_vl(
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     image_processor = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=56 * 56 * 4)
-    return model, ImageOnlyQwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer)
-
-
-class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
-    """Qwen2-VL's processor without its video half, which needs torchvision."""
-
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+    processor = IMAGE_ONLY_PROCESSORS["qwen2_vl"](
+        image_processor=image_processor, tokenizer=tokenizer, chat_template=QWEN_TEMPLATE
+    )
+    return model, processor

@@ -1,0 +1,79 @@
+"""Load a supported VLM and its processor by name, local path or hub id."""
+
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoProcessor,
+    LlavaForConditionalGeneration,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLProcessor,
+    Qwen2VLForConditionalGeneration,
+    Qwen2VLProcessor,
+)
+
+DEMO_DIR = Path(__file__).parent / "demo"
+MODEL_CLASSES = {
+    "llava": LlavaForConditionalGeneration,
+    "qwen2_vl": Qwen2VLForConditionalGeneration,
+    "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration,
+}
+
+
+def _image_only(processor_cls):
+    """A Qwen-VL processor class without its video half, which needs torchvision."""
+
+    class ImageOnly(processor_cls):
+        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+            super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+    ImageOnly.__name__ = ImageOnly.__qualname__ = f"ImageOnly{processor_cls.__name__}"
+    return ImageOnly
+
+
+IMAGE_ONLY_PROCESSORS = {"qwen2_vl": _image_only(Qwen2VLProcessor), "qwen2_5_vl": _image_only(Qwen2_5_VLProcessor)}
+
+
+def resolve(name_or_path: str) -> str:
+    """'demo' is the model shipped in the package; anything else is a local path or a hub id."""
+    if name_or_path == "demo":
+        if not (DEMO_DIR / "config.json").exists():
+            raise FileNotFoundError(f"the demo model is missing from {DEMO_DIR}; train it with jobs/train_demo.py")
+        return str(DEMO_DIR)
+    return str(name_or_path)
+
+
+def load_processor(path: str, model_type: str):
+    """AutoProcessor; for Qwen-VL without torchvision (or a saved image-only one), the image half alone."""
+    try:
+        processor = AutoProcessor.from_pretrained(path, trust_remote_code=False)
+    except (ImportError, AttributeError, TypeError, ValueError):
+        if model_type not in IMAGE_ONLY_PROCESSORS:
+            raise
+        processor = None
+    if getattr(processor, "image_processor", None) is None and model_type in IMAGE_ONLY_PROCESSORS:
+        processor = IMAGE_ONLY_PROCESSORS[model_type].from_pretrained(path)
+    if getattr(processor, "image_processor", None) is None:
+        raise ValueError(f"{path} has no image processor")
+    return processor
+
+
+def load(
+    name_or_path: str,
+    *,
+    dtype: torch.dtype | str | None = None,
+    device: str | torch.device | None = None,
+    attn_implementation: str = "sdpa",
+):
+    """Return `(model, processor)`; `trust_remote_code` stays off. dtype defaults to the checkpoint's."""
+    path = resolve(name_or_path)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+    if config.model_type not in MODEL_CLASSES:
+        raise ValueError(f"unsupported model type {config.model_type!r}; supported: {sorted(MODEL_CLASSES)}")
+    model = MODEL_CLASSES[config.model_type].from_pretrained(
+        path, dtype=dtype or "auto", attn_implementation=attn_implementation, trust_remote_code=False
+    )
+    if device is not None:
+        model = model.to(device)
+    return model.eval(), load_processor(path, config.model_type)

@@ -1,0 +1,82 @@
+"""The prompt stage (spec §3, §10): anchors, nearest-anchor merging, edge cases, batched = pure."""
+
+import random
+
+import pytest
+import torch
+
+from elastic_ray.kv import ElasticCache, compress_prompt
+from elastic_ray.kv.entries import apply_selection
+
+
+def squares(length: int):
+    """keys[0, t, 0] = t^2 and values = 10 t^2, so every merged mean is checkable by hand."""
+    keys = torch.tensor([float(t * t) for t in range(length)]).view(1, length, 1)
+    return keys, 10 * keys
+
+
+def test_merge_on_a_hand_checked_example():
+    keys, values = squares(8)
+    # Candidates are 1..6; a 3-way tie at score 5 picks the two lowest positions, 2 and 4.
+    scores = torch.tensor([9.0, 1, 5, 2, 5, 0, 5, 9])
+    out_keys, out_values, kept = compress_prompt(keys, values, scores, 0.5, sink=1, protect=1)
+    assert kept.tolist() == [0, 2, 4, 7]
+    # 1 -> 2; 3 is equidistant from 2 and 4 and joins the earlier; 5 and 6 -> 4.
+    expected = torch.tensor([0.0, (1 + 4 + 9) / 3, (16 + 25 + 36) / 3, 49])
+    torch.testing.assert_close(out_keys.flatten(), expected)
+    torch.testing.assert_close(out_values.flatten(), 10 * expected)
+
+
+def test_budget_one_returns_the_same_tensors_bit_for_bit():
+    keys, values = torch.randn(4, 33, 8), torch.randn(4, 33, 8)
+    out_keys, out_values, kept = compress_prompt(keys, values, torch.rand(33), 1.0)
+    assert out_keys is keys and out_values is values
+    assert kept.tolist() == list(range(33))
+
+
+def test_no_anchors_left_means_candidates_are_dropped_not_merged():
+    keys, values = squares(5)
+    out_keys, _, kept = compress_prompt(keys, values, torch.ones(5), 0.2, sink=1, protect=1)
+    assert kept.tolist() == [0, 4]
+    assert out_keys.flatten().tolist() == [0.0, 16.0]
+
+
+def test_sink_and_protected_tail_are_kept_and_never_merged_into():
+    keys, values = squares(12)
+    scores = torch.zeros(12)
+    scores[6] = 1.0
+    out_keys, _, kept = compress_prompt(keys, values, scores, 0.4, sink=2, protect=2)
+    assert kept.tolist() == [0, 1, 6, 10, 11]  # C0 = 12 - floor(7.2) = 5: one anchor
+    assert out_keys.flatten()[:2].tolist() == [0.0, 1.0] and out_keys.flatten()[-2:].tolist() == [100.0, 121.0]
+    assert out_keys.flatten()[2] == pytest.approx(sum(t * t for t in range(2, 10)) / 8)
+
+
+def test_prompts_no_longer_than_the_protected_entries_are_left_alone():
+    keys, values = squares(2)
+    out_keys, _, kept = compress_prompt(keys, values, torch.ones(2), 0.1)
+    assert out_keys is keys and kept.tolist() == [0, 1]
+
+
+@pytest.mark.parametrize("merge", [True, False])
+def test_the_batched_path_agrees_with_the_pure_function(merge):
+    rng = random.Random(0)
+    for trial in range(40):
+        budget = rng.choice([0.1, 0.2, 0.35, 0.5, 0.9, 1.0])
+        sink, protect = rng.choice([0, 1, 2]), rng.choice([0, 1, 3])
+        lengths = torch.tensor([rng.randint(1, 40) for _ in range(3)])
+        width = int(lengths.max())
+        keys, values = torch.randn(3, 2, width, 4), torch.randn(3, 2, width, 4)
+        scores = torch.randint(0, 4, (3, width)).float()  # small integers: plenty of ties
+        policy = ElasticCache(budget=budget, sink=sink, protect=protect, merge=merge)
+        batched = apply_selection(keys, values, policy.select_prompt(scores, lengths))
+        for row, length in enumerate(lengths.tolist()):
+            k, v = keys[row, :, :length], values[row, :, :length]
+            if merge:
+                ref_k, ref_v, kept = compress_prompt(k, v, scores[row, :length], budget, sink=sink, protect=protect)
+            else:
+                _, _, kept = compress_prompt(k, v, scores[row, :length], budget, sink=sink, protect=protect)
+                ref_k, ref_v = k[:, kept], v[:, kept]
+            n = int(batched.lengths[row])
+            assert batched.positions[row, 0, :n].tolist() == kept.tolist(), (trial, row)
+            torch.testing.assert_close(batched.keys[row, :, :n], ref_k, rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(batched.values[row, :, :n], ref_v, rtol=1e-6, atol=1e-6)
