@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 
 import torch
 from PIL import Image
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from elastic_ray.config import CacheConfig, SamplingParams
 from elastic_ray.hf.generate import check_positions, generate_compressed
@@ -22,6 +23,17 @@ class RequestOutput:
     token_ids: list[int]
     finish_reason: str  # "stop" (EOS or a stop string) or "length"
     stats: dict = field(default_factory=dict)
+
+
+class StopStrings(StoppingCriteria):
+    """Ends a row once its decoded continuation contains one of the stop strings."""
+
+    def __init__(self, tokenizer, stop: tuple[str, ...], prompt_width: int):
+        self.tokenizer, self.stop, self.prompt_width = tokenizer, stop, prompt_width
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_width :], skip_special_tokens=True)
+        return torch.tensor([any(s in text for s in self.stop) for text in texts], device=input_ids.device)
 
 
 class LLM:
@@ -79,7 +91,6 @@ class LLM:
         config.top_k = None
         config.eos_token_id = None if sampling.ignore_eos else self.eos_token_ids or None
         config.pad_token_id = self.tokenizer.pad_token_id
-        config.stop_strings = list(sampling.stop) or None
         return config
 
     def generate(self, requests: list[dict], sampling: SamplingParams | None = None) -> list[RequestOutput]:
@@ -93,16 +104,21 @@ class LLM:
         inputs = self.encode(requests)
         if sampling.seed is not None:
             torch.manual_seed(sampling.seed)
-        extra = {"tokenizer": self.tokenizer} if sampling.stop else {}
-        sequences, cache = generate_compressed(
-            self.model, inputs, self.cache.policy, self.family, generation_config=self.generation_config(sampling), **extra
-        )
         prompt_width = inputs["input_ids"].shape[1]
+        stopping = StoppingCriteriaList([StopStrings(self.tokenizer, sampling.stop, prompt_width)] if sampling.stop else [])
+        sequences, cache = generate_compressed(
+            self.model, inputs, self.cache.policy, self.family,
+            generation_config=self.generation_config(sampling), stopping_criteria=stopping,
+        )
         prompt_lengths = inputs["attention_mask"].sum(1).tolist()
         return [
             self._output(first_index + row, sequences[row, prompt_width:].tolist(), int(prompt_lengths[row]), cache, row, sampling)
             for row in range(len(requests))
         ]
+
+    def _has_stop(self, token_ids: list[int], stop: tuple[str, ...]) -> bool:
+        text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
+        return any(s in text for s in stop)
 
     def _output(self, index, generated, prompt_tokens, cache, row, sampling) -> RequestOutput:
         eos = set(self.eos_token_ids) if not sampling.ignore_eos else set()
@@ -110,9 +126,11 @@ class LLM:
         finish = "stop" if end is not None else "length"
         token_ids = generated[:end] if end is not None else generated
         text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
-        for stop in sampling.stop:
-            if stop in text:
-                text, finish = text[: text.index(stop)], "stop"
+        if any(stop in text for stop in sampling.stop):
+            # Keep the tokens up to the one that completed a stop string; the text ends before it.
+            end = next(k for k in range(1, len(token_ids) + 1) if self._has_stop(token_ids[:k], sampling.stop))
+            token_ids, finish = token_ids[:end], "stop"
+            text = text[: min(text.index(s) for s in sampling.stop if s in text)]
         fed = len(token_ids) - 1  # the last generated token is never fed back
         kept = int(cache.history[min(fed, len(cache.history) - 1)][row])
         layers = len(self.family.attentions)

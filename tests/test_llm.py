@@ -1,0 +1,95 @@
+"""The public API: LLM(model, cache=...).generate(requests, SamplingParams(...))."""
+
+import pytest
+import torch
+
+from elastic_ray import LLM, CacheConfig, SamplingParams
+from conftest import INSTRUCTIONS
+
+
+def requests(images):
+    return [{"image": image, "prompt": text} for image, text in zip(images, INSTRUCTIONS)]
+
+
+def test_stats_show_the_prompt_cache_at_budget_times_the_full_cache(tiny_llava, images):
+    full = LLM(tiny_llava).generate(requests(images), SamplingParams(max_tokens=8, ignore_eos=True))
+    half = LLM(tiny_llava, cache=CacheConfig(method="elastic", budget=0.5)).generate(
+        requests(images), SamplingParams(max_tokens=8, ignore_eos=True)
+    )
+    for f, h in zip(full, half):
+        prompt = f.stats["prompt_tokens"]
+        assert f.stats["kv_entries_prompt"] == [prompt, prompt]
+        assert h.stats["kv_entries_prompt"] == [prompt - int(prompt * 0.5 + 1e-6)] * 2
+        assert h.stats["kv_bytes"] < f.stats["kv_bytes"] == f.stats["kv_bytes_full"]
+        assert f.stats["output_tokens"] == len(f.token_ids) == 8
+        assert f.finish_reason == "length"
+
+
+def test_budget_one_elastic_generates_what_the_full_cache_generates(tiny_llava, images):
+    params = SamplingParams(max_tokens=12)
+    full = LLM(tiny_llava).generate(requests(images), params)
+    elastic = LLM(tiny_llava, cache=CacheConfig(method="elastic", budget=1.0)).generate(requests(images), params)
+    assert [o.token_ids for o in full] == [o.token_ids for o in elastic]
+
+
+def test_batches_larger_than_max_batch_size_are_split_and_keep_order(tiny_llava, images):
+    params = SamplingParams(max_tokens=6)
+    whole = LLM(tiny_llava, max_batch_size=8).generate(requests(images), params)
+    split = LLM(tiny_llava, max_batch_size=1).generate(requests(images), params)
+    assert [o.index for o in split] == [0, 1, 2]
+    assert [o.token_ids for o in whole] == [o.token_ids for o in split]
+
+
+def test_generation_stops_at_eos_and_at_stop_strings(tiny_llava, images):
+    llm = LLM(tiny_llava)
+    free = llm.generate(requests(images)[:1], SamplingParams(max_tokens=12))[0]
+    eos = llm.tokenizer.eos_token_id
+    forced = free.token_ids[3]
+    llm.model.generation_config.eos_token_id = forced  # make the 4th generated token end the text
+    try:
+        stopped = llm.generate(requests(images)[:1], SamplingParams(max_tokens=12))[0]
+    finally:
+        llm.model.generation_config.eos_token_id = None
+    assert stopped.finish_reason == "stop" and stopped.token_ids[-1] == forced
+    assert len(stopped.token_ids) == free.token_ids.index(forced) + 1
+    words = free.text.split()
+    cut = llm.generate(requests(images)[:1], SamplingParams(max_tokens=12, stop=[words[2]]))[0]
+    assert cut.finish_reason == "stop" and cut.text == free.text[: free.text.index(words[2])].strip()
+    assert cut.token_ids == free.token_ids[: len(cut.token_ids)] and len(cut.token_ids) < len(free.token_ids)
+    assert eos is not None
+
+
+def test_seeded_sampling_is_reproducible(tiny_llava, images):
+    llm = LLM(tiny_llava, cache=CacheConfig(method="h2o", budget=0.5))
+    params = SamplingParams(max_tokens=10, temperature=1.0, seed=3)
+    assert [o.token_ids for o in llm.generate(requests(images), params)] == [
+        o.token_ids for o in llm.generate(requests(images), params)
+    ]
+
+
+@pytest.mark.parametrize(
+    "bad,message",
+    [
+        ({"image": None, "prompt": "what"}, "'image' must be a PIL image"),
+        ({"image": "x.png", "prompt": "what"}, "'image' must be a PIL image"),
+        ({"prompt": "what"}, "'image' must be a PIL image"),
+        ({"image": "IMG", "prompt": "   "}, "'prompt' must be a non-empty string"),
+        ({"image": "IMG", "prompt": 3}, "'prompt' must be a non-empty string"),
+    ],
+)
+def test_bad_requests_raise_value_error(bad, message, tiny_llava, images):
+    if bad.get("image") == "IMG":
+        bad = {**bad, "image": images[0]}
+    with pytest.raises(ValueError, match=message):
+        LLM(tiny_llava).generate([bad])
+
+
+@pytest.mark.parametrize("params", [dict(max_tokens=0), dict(max_tokens=-3), dict(temperature=-1), dict(top_p=0), dict(stop=[""])])
+def test_bad_sampling_params_raise_value_error(params):
+    with pytest.raises(ValueError):
+        SamplingParams(**params)
+
+
+def test_compact_positions_are_refused_for_qwen2_vl(tiny_qwen):
+    with pytest.raises(ValueError, match="positions='compact' is not possible for qwen2_vl"):
+        LLM(tiny_qwen, cache=CacheConfig(method="elastic", budget=0.5, positions="compact"))

@@ -1,0 +1,76 @@
+"""Configuring methods, and what each baseline keeps and evicts."""
+
+import pytest
+import torch
+
+from elastic_ray import CacheConfig
+from elastic_ray.kv import ElasticCache, H2OCache, StreamingCache
+from elastic_ray.kv.entries import apply_selection
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"method": "snapkv", "budget": 0.5}, r"unknown cache method 'snapkv'; allowed: \['elastic', 'full', 'h2o', 'streaming'\]"),
+        ({"method": "elastic", "budget": 0.0}, r"budget must be in \(0, 1\]"),
+        ({"method": "elastic", "budget": 1.5}, r"budget must be in \(0, 1\]"),
+        ({"method": "elastic", "budget": "half"}, r"budget must be a number"),
+        ({"method": "elastic", "budget": 0.5, "window": 3}, r"no option\(s\) \['window'\]; allowed: \['merge', 'offset', 'positions', 'protect', 'sink'\]"),
+        ({"method": "streaming", "budget": 0.5, "merge": True}, r"allowed: \['sink'\]"),
+        ({"method": "elastic", "budget": 0.5, "positions": "shifted"}, r"positions must be one of \('original', 'compact'\)"),
+        ({"method": "full", "budget": 0.5}, r"budget must be 1.0"),
+    ],
+)
+def test_bad_configurations_raise_value_error_naming_what_is_allowed(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        CacheConfig(**kwargs)
+
+
+def test_config_builds_the_method_with_its_options():
+    config = CacheConfig(method="elastic", budget=0.2, offset=10, merge=False)
+    assert config.policy == ElasticCache(budget=0.2, offset=10, merge=False)
+    assert config.to_dict() == {"method": "elastic", "budget": 0.2, "offset": 10, "merge": False}
+
+
+def positions_kept(policy, scores, lengths):
+    width = int(lengths.max())
+    keys = torch.zeros(len(lengths), 2, width, 1)
+    kept = apply_selection(keys, keys, policy.select_prompt(scores, lengths))
+    return kept.positions, kept.lengths
+
+
+def test_streaming_keeps_the_sinks_and_the_most_recent_entries():
+    positions, lengths = positions_kept(StreamingCache(budget=0.5, sink=4), None, torch.tensor([20, 9]))
+    assert positions[0, 0, : lengths[0]].tolist() == [0, 1, 2, 3] + list(range(14, 20))
+    assert positions[1, 0, : lengths[1]].tolist() == [0, 1, 2, 3, 8]  # C0 = 9 - 4 = 5
+
+
+def test_h2o_keeps_per_head_heavy_hitters_plus_a_recent_window():
+    scores = torch.zeros(1, 2, 10)
+    scores[0, 0, 2], scores[0, 0, 5] = 3.0, 2.0
+    scores[0, 1, 1], scores[0, 1, 3] = 3.0, 2.0
+    positions, lengths = positions_kept(H2OCache(budget=0.4, recent_ratio=0.5), scores, torch.tensor([10]))
+    assert lengths.tolist() == [4]
+    assert positions[0, 0].tolist() == [2, 5, 8, 9]
+    assert positions[0, 1].tolist() == [1, 3, 8, 9]
+
+
+def test_h2o_evicts_the_least_attended_entry_outside_the_recent_window():
+    policy = H2OCache(budget=0.5, recent_ratio=0.5)
+    scores = torch.tensor([[[5.0, 0.5, 2.0, 0.9, 0.0, 0.0]], [[5.0, 3.0, 2.0, 4.0, 0.0, 0.0]]])
+    victims = policy.victims(scores, cache_lens=torch.tensor([6, 6]), truncation=None, heads=1)
+    # The recent window (floor(0.5 * 5) = 2 newest entries) is safe despite its zero scores.
+    assert victims[:, 0].tolist() == [1, 2]
+
+
+def test_elastic_evicts_at_its_fixed_truncation_point():
+    policy = ElasticCache(budget=0.5, offset=25)
+    truncation = policy.truncation_points(torch.tensor([300, 20]))
+    assert truncation.tolist() == [275, 1]  # max(sink, C0 - offset)
+    victims = policy.victims(None, torch.tensor([301, 21]), truncation, heads=3)
+    assert victims.tolist() == [[275] * 3, [1] * 3]
+
+
+def test_every_method_slot_fits_its_peak():
+    for policy in (ElasticCache(budget=0.2), H2OCache(budget=0.2), StreamingCache(budget=0.2)):
+        assert policy.peak_entries(616, 256) <= 0.2 * (616 + 256) + 2
