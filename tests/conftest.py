@@ -34,9 +34,14 @@ def tiny_qwen():
     return random_qwen2_vl(attn_implementation="sdpa")
 
 
-@pytest.fixture(scope="session", params=["llava", "qwen2_vl"])
-def tiny_vlm(request, tiny_llava, tiny_qwen):
-    return {"llava": tiny_llava, "qwen2_vl": tiny_qwen}[request.param]
+@pytest.fixture(scope="session")
+def tiny_qwen25():
+    return random_qwen2_vl(version="2.5", attn_implementation="sdpa")
+
+
+@pytest.fixture(scope="session", params=["llava", "qwen2_vl", "qwen2_5_vl"])
+def tiny_vlm(request):
+    return request.getfixturevalue({"llava": "tiny_llava", "qwen2_vl": "tiny_qwen", "qwen2_5_vl": "tiny_qwen25"}[request.param])
 
 
 def encode(model_and_processor, images, instructions=INSTRUCTIONS):

@@ -11,9 +11,12 @@ from elastic_ray.models.prompts import build_prompt
 from elastic_ray.models.synthetic import random_llava, random_qwen2_vl
 
 
-@pytest.fixture(scope="module", params=["llava", "qwen2_vl"])
+BUILDERS = {"llava": random_llava, "qwen2_vl": random_qwen2_vl, "qwen2_5_vl": lambda: random_qwen2_vl(version="2.5")}
+
+
+@pytest.fixture(scope="module", params=sorted(BUILDERS))
 def saved_model(request, tmp_path_factory):
-    model, processor = (random_llava if request.param == "llava" else random_qwen2_vl)()
+    model, processor = BUILDERS[request.param]()
     path = tmp_path_factory.mktemp(request.param)
     model.save_pretrained(path)
     processor.save_pretrained(path)

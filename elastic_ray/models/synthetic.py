@@ -9,6 +9,8 @@ from transformers import (
     LlavaForConditionalGeneration,
     LlavaProcessor,
     PreTrainedTokenizerFast,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
 )
@@ -95,42 +97,36 @@ def random_llava(
     return model, processor
 
 
-def random_qwen2_vl(
-    *,
-    hidden: int = 64,
-    layers: int = 2,
-    heads: int = 4,
-    kv_heads: int = 2,
-    vocab_size: int = 160,
-    vision_hidden: int = 32,
-    attn_implementation: str = "sdpa",
-    seed: int = 0,
-):
-    """A Qwen2-VL-shaped model (GQA, M-RoPE) with random weights, and its processor."""
-    tokenizer = word_tokenizer(["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"], vocab_size)
+def random_qwen2_vl(*, version: str = "2", attn_implementation: str = "sdpa", seed: int = 0, **text):
+    """A Qwen2-VL or Qwen2.5-VL-shaped model (GQA, M-RoPE) with random weights, and its processor."""
+    tokenizer = word_tokenizer(["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"], 160)
     ids = tokenizer.convert_tokens_to_ids
-    config = Qwen2VLConfig(
-        text_config=dict(
-            vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-            num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=4096,
-            initializer_range=0.2, rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3]},
-            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-            bos_token_id=tokenizer.bos_token_id,
-        ),
-        vision_config=dict(
-            depth=2, embed_dim=vision_hidden, hidden_size=hidden, num_heads=4, mlp_ratio=2, patch_size=14,
-            spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
-        ),
+    text_config = dict(
+        vocab_size=160, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=4096, initializer_range=0.2,
+        rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3]}, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
+    ) | text
+    vision = dict(depth=2, num_heads=4, patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
+    if version == "2":
+        config_cls, model_cls = Qwen2VLConfig, Qwen2VLForConditionalGeneration
+        vision |= dict(embed_dim=32, hidden_size=text_config["hidden_size"], mlp_ratio=2)
+    else:
+        config_cls, model_cls = Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+        vision |= dict(hidden_size=32, intermediate_size=64, out_hidden_size=text_config["hidden_size"],
+                       window_size=56, fullatt_block_indexes=[1])
+    config = config_cls(
+        text_config=text_config, vision_config=vision,
         image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
         vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
     )
     config._attn_implementation = attn_implementation
     torch.manual_seed(seed)
-    model = Qwen2VLForConditionalGeneration(config).eval()
+    model = model_cls(config).eval()
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     image_processor = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=56 * 56 * 4)
-    processor = IMAGE_ONLY_PROCESSORS["qwen2_vl"](
+    processor = IMAGE_ONLY_PROCESSORS[config.model_type](
         image_processor=image_processor, tokenizer=tokenizer, chat_template=QWEN_TEMPLATE
     )
     return model, processor
