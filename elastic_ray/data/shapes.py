@@ -152,7 +152,7 @@ def _render(objects: tuple[ShapeObject, ...], size: int, rng: np.random.Generato
     draw = ImageDraw.Draw(image)
     cell = size / 3
     for o in objects:
-        r = cell * (0.38 if o.size == "large" else 0.2)
+        r = cell * (0.42 if o.size == "large" else 0.25)
         slack = cell / 2 - r - 1
         row, col = divmod(o.cell, 3)
         cx = (col + 0.5) * cell + rng.uniform(-slack, slack)
