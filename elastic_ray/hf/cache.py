@@ -86,10 +86,13 @@ class CompressedLayer(CacheLayerMixin):
         """[B, W] physical column of each row's i-th entry (wrapping past the row's end)."""
         return (torch.arange(self.width, device=self.lengths.device)[None, :] + self.width - self.lengths[:, None]) % self.width
 
-    def compress_prompt(self, selection: Selection, real: Tensor, scores: Tensor | None) -> None:
-        """Replace the raw, left-padded prompt by the selected entries, right-aligned per row."""
+    def compress_prompt(self, selection: Selection, order: Tensor, scores: Tensor | None) -> None:
+        """Replace the raw, left-padded prompt by the selected entries, right-aligned per row.
+
+        order: [B, S] the prompt columns with each row's real ones first (`pack_order`).
+        """
         heads = self.keys.shape[1]
-        packed_index = pack_order(real)[:, None, :].expand(-1, heads, -1)
+        packed_index = order[:, None, :].expand(-1, heads, -1)
         kept = apply_selection(
             _gather_columns(self.keys, packed_index), _gather_columns(self.values, packed_index), selection
         )
@@ -98,7 +101,7 @@ class CompressedLayer(CacheLayerMixin):
         self.keys, self.values, self.lengths = kept.keys, kept.values, kept.lengths
         # Packed-left -> right-aligned: column j takes packed entry (j + length) mod W.
         width = self.width
-        index = ((torch.arange(width, device=real.device)[None, :] + self.lengths[:, None]) % width)
+        index = (torch.arange(width, device=order.device)[None, :] + self.lengths[:, None]) % width
         index = index[:, None, :].expand(-1, heads, -1)
         self.keys, self.values = _gather_columns(self.keys, index), _gather_columns(self.values, index)
         self.positions = self._blank(_gather_columns(kept.positions, index), -1)
@@ -166,6 +169,7 @@ class CompressedCache(Cache):
         self.policy = policy
         self.seen: Tensor | None = None
         self.real: Tensor | None = None  # [B, S] the raw prompt's non-pad columns
+        self.order: Tensor | None = None  # [B, S] those columns first, in order
         self.truncation: Tensor | None = None
         self.evicting: Tensor | None = None
         self.history: list[Tensor] = []  # lengths after each forward, one [B] tensor per step
@@ -183,7 +187,7 @@ class CompressedCache(Cache):
         return self.layers[0].width if self.prefilled else 0
 
     def begin_prompt(self, real: Tensor) -> None:
-        self.real = real
+        self.real, self.order = real, pack_order(real)
         self.seen = real.sum(1)
 
     def end_prompt(self) -> None:

@@ -12,7 +12,6 @@ import torch
 from torch import nn
 
 from elastic_ray.hf.cache import CompressedCache
-from elastic_ray.kv.entries import pack_order
 from elastic_ray.kv.importance import attention_column_sums, reduce_heads
 from elastic_ray.models.family import Family, attention_queries
 
@@ -45,9 +44,9 @@ def _attention_post_hook(cache_layers: int):
         policy = cache.policy
         if not layer.compressed:
             scores = _scores(module, kwargs, layer.keys, cache.real, cache.real, 0, policy.prompt_scores)
-            packed = None if scores is None else _pack(scores, cache.real)
+            packed = None if scores is None else _pack(scores, cache.order)
             per_head = packed if policy.prompt_scores == "kv" else None
-            layer.compress_prompt(policy.select_prompt(packed, cache.seen), cache.real, per_head)
+            layer.compress_prompt(policy.select_prompt(packed, cache.seen), cache.order, per_head)
             if module.layer_idx == cache_layers - 1:
                 cache.end_prompt()
             return None
@@ -75,9 +74,8 @@ def _scores(module, kwargs, keys, key_valid, query_valid, query_offset, mode):
     return reduce_heads(sums, mode, keys.shape[1])
 
 
-def _pack(scores: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
-    """Move each row's real columns to the front, in order ([..., S] with real [B, S])."""
-    order = pack_order(real)
+def _pack(scores: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """Move each row's real columns to the front ([B, S] or [B, H, S], with `order` [B, S])."""
     if scores.dim() == 3:
         order = order[:, None, :].expand_as(scores)
     return scores.gather(-1, order)
