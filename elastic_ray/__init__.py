@@ -1,6 +1,7 @@
 """elastic-ray: vision-language models on a compressed (Elastic Cache) KV cache, at scale on Ray."""
 
-from elastic_ray.config import CacheConfig, SamplingParams
-from elastic_ray.llm import LLM, RequestOutput
+from elastic_ray.config import CacheConfig, EngineConfig, SamplingParams
+from elastic_ray.llm import LLM
+from elastic_ray.outputs import RequestOutput
 
-__all__ = ["LLM", "CacheConfig", "RequestOutput", "SamplingParams"]
+__all__ = ["LLM", "CacheConfig", "EngineConfig", "RequestOutput", "SamplingParams"]

@@ -1,4 +1,4 @@
-"""Plain configuration records: which cache method, and how to sample."""
+"""Plain configuration records: which cache method, how to sample, how large the engine is."""
 
 from dataclasses import dataclass, field
 
@@ -54,3 +54,35 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError(f"stop must be non-empty strings, got {self.stop!r}")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How the engine sizes its KV slots.
+
+    `kv_cache_memory` is bytes (int) or a fraction (float in (0, 1]) of the device's free memory;
+    the slot count is `min(max_num_seqs, kv_cache_memory // slot_bytes)`. A slot holds the
+    method's bound for `max_prompt_tokens + max_tokens` (None: the model's image tokens plus
+    `TEXT_TOKENS`); longer requests are refused. `max_prefill_tokens` bounds the scratch cache of
+    one prefill batch.
+    """
+
+    kv_cache_memory: int | float = 0.25
+    max_num_seqs: int = 64
+    max_prompt_tokens: int | None = None
+    max_tokens: int = 256
+    max_prefill_tokens: int = 8192
+
+    def __post_init__(self):
+        memory = self.kv_cache_memory
+        if isinstance(memory, bool) or not isinstance(memory, (int, float)) or memory <= 0 or (
+            isinstance(memory, float) and memory > 1.0
+        ):
+            raise ValueError(f"kv_cache_memory must be bytes (int > 0) or a fraction in (0, 1], got {memory!r}")
+        for name in ("max_num_seqs", "max_tokens", "max_prefill_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        prompt = self.max_prompt_tokens
+        if prompt is not None and (isinstance(prompt, bool) or not isinstance(prompt, int) or prompt < 1):
+            raise ValueError(f"max_prompt_tokens must be a positive integer or None, got {prompt!r}")

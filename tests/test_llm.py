@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from elastic_ray import LLM, CacheConfig, SamplingParams
 from conftest import INSTRUCTIONS
+from elastic_ray import LLM, CacheConfig, EngineConfig, SamplingParams
+from elastic_ray.hf.static import StaticBatchGenerator
 
 
 def requests(images):
@@ -32,11 +33,20 @@ def test_budget_one_elastic_generates_what_the_full_cache_generates(tiny_llava, 
     assert [o.token_ids for o in full] == [o.token_ids for o in elastic]
 
 
-def test_batches_larger_than_max_batch_size_are_split_and_keep_order(tiny_llava, images):
+def test_outputs_come_in_request_order_whatever_the_slot_count(tiny_llava, images):
     params = SamplingParams(max_tokens=6)
-    whole = LLM(tiny_llava, max_batch_size=8).generate(requests(images), params)
-    split = LLM(tiny_llava, max_batch_size=1).generate(requests(images), params)
-    assert [o.index for o in split] == [0, 1, 2]
+    wide = LLM(tiny_llava, engine=EngineConfig(max_num_seqs=8)).generate(requests(images), params)
+    narrow = LLM(tiny_llava, engine=EngineConfig(max_num_seqs=1)).generate(requests(images), params)
+    assert [o.request_id for o in narrow] == [o.request_id for o in wide] == [0, 1, 2]
+    assert [o.token_ids for o in wide] == [o.token_ids for o in narrow]
+
+
+def test_the_static_reference_path_splits_batches_and_keeps_order(tiny_llava, images):
+    params = SamplingParams(max_tokens=6)
+    policy = CacheConfig("elastic", 0.5).policy
+    whole = StaticBatchGenerator(*tiny_llava, policy, max_batch_size=8).generate(requests(images), params)
+    split = StaticBatchGenerator(*tiny_llava, policy, max_batch_size=1).generate(requests(images), params)
+    assert [o.request_id for o in split] == [0, 1, 2]
     assert [o.token_ids for o in whole] == [o.token_ids for o in split]
 
 

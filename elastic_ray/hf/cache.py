@@ -120,8 +120,8 @@ class CompressedLayer(CacheLayerMixin):
         self.positions[:, :, -1] = (seen - 1)[:, None]
 
     def logical(self, tensor: Tensor) -> Tensor:
-        """[B, H, W] in physical columns -> each row's entries first, in order."""
-        return _gather_columns(tensor, self.logical_index()[:, None, :].expand_as(tensor))
+        """[B, H, W, *] in physical columns -> each row's entries first, in order."""
+        return _gather_columns(tensor, self.logical_index()[:, None, :].expand(*tensor.shape[:3]))
 
     def evict(self, rows: Tensor, victims: Tensor) -> None:
         """Delete each row's `victims[b, h]`-th entry (rows in `rows`), shifting older entries right."""
@@ -157,30 +157,45 @@ class CompressedLayer(CacheLayerMixin):
         raise NotImplementedError("batch expansion is not supported with a compressed cache")
 
 
-class CompressedCache(Cache):
-    """One `CompressedLayer` per decoder layer plus the per-row state they share.
+class PolicyCache(Cache):
+    """A cache the attention hooks drive with a `CachePolicy`.
 
     `seen` [B] counts real tokens (prompt without pads, plus tokens fed since); `truncation`
     [B] is each row's fixed eviction index; `evicting` [B] flags rows over budget this step.
+    Its layers expose `compressed`, `lengths`, `keys`, `scores`, `width`, `valid()`,
+    `logical()`, `record_new_positions()` and `evict()`.
     """
 
-    def __init__(self, policy: CachePolicy, num_layers: int):
-        super().__init__(layers=[CompressedLayer() for _ in range(num_layers)])
+    def __init__(self, policy: CachePolicy, layers: list):
+        super().__init__(layers=layers)
         self.policy = policy
         self.seen: Tensor | None = None
-        self.real: Tensor | None = None  # [B, S] the raw prompt's non-pad columns
-        self.order: Tensor | None = None  # [B, S] those columns first, in order
         self.truncation: Tensor | None = None
         self.evicting: Tensor | None = None
+
+    @property
+    def lengths(self) -> Tensor:
+        return self.layers[0].lengths
+
+    def end_step(self) -> None:
+        """Called by the last layer's hook after each decode forward."""
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("a compressed cache cannot be cropped")
+
+
+class CompressedCache(PolicyCache):
+    """One `CompressedLayer` per decoder layer, for one `generate()` call."""
+
+    def __init__(self, policy: CachePolicy, num_layers: int):
+        super().__init__(policy, [CompressedLayer() for _ in range(num_layers)])
+        self.real: Tensor | None = None  # [B, S] the raw prompt's non-pad columns
+        self.order: Tensor | None = None  # [B, S] those columns first, in order
         self.history: list[Tensor] = []  # lengths after each forward, one [B] tensor per step
 
     @property
     def prefilled(self) -> bool:
         return self.layers[0].compressed
-
-    @property
-    def lengths(self) -> Tensor:
-        return self.layers[0].lengths
 
     def get_query_offset(self, layer_idx: int = 0) -> int:
         # Queries sit right after the stored entries (never 0 once entries are stored).
@@ -205,6 +220,3 @@ class CompressedCache(Cache):
 
     def reset(self):
         raise NotImplementedError("use a fresh CompressedCache per generate call")
-
-    def crop(self, tokens_to_remove: int) -> None:
-        raise NotImplementedError("a compressed cache cannot be cropped")

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from elastic_ray.hf.cache import CompressedCache
-from elastic_ray.hf.hooks import compressed_cache_hooks
+from elastic_ray.hf.hooks import install_hooks
 from elastic_ray.kv.policy import CachePolicy
 from elastic_ray.models.family import Family, family_of
 
@@ -22,6 +22,7 @@ def generate_compressed(model: nn.Module, inputs: dict, policy: CachePolicy, fam
     family = family or family_of(model)
     check_positions(policy, family)
     cache = CompressedCache(policy, len(family.attentions))
-    with compressed_cache_hooks(family), torch.no_grad():
+    install_hooks(family)
+    with torch.no_grad():
         output = model.generate(**inputs, past_key_values=cache, **kwargs)
     return output, cache

@@ -1,17 +1,18 @@
-"""Forward hooks that drive a `CompressedCache` inside transformers' own forward.
+"""Forward hooks that drive a `PolicyCache` inside transformers' own forward.
 
-- On the decoder stack (pre-hook): start the prompt or the step, swap the 2-D mask for one
-  over the stored entries, and rotate the new token at its compact position if asked.
+- On the decoder stack (pre-hook, `CompressedCache` only): start the prompt or the step, swap
+  the 2-D mask for one over the stored entries, and rotate the new token at its compact
+  position if asked. The engine's slot cache prepares its steps itself.
 - On every attention module (post-hook): score the prompt and compress it right after the
   layer's own prompt attention; during decoding, accumulate scores and evict.
-"""
 
-from contextlib import contextmanager
+The hooks do nothing for any other cache, so they stay installed for the model's lifetime.
+"""
 
 import torch
 from torch import nn
 
-from elastic_ray.hf.cache import CompressedCache
+from elastic_ray.hf.cache import CompressedCache, PolicyCache
 from elastic_ray.kv.importance import attention_column_sums, reduce_heads
 from elastic_ray.models.family import Family, attention_queries
 
@@ -38,7 +39,7 @@ def _decoder_pre_hook(module: nn.Module, args: tuple, kwargs: dict):
 def _attention_post_hook(cache_layers: int):
     def hook(module: nn.Module, args: tuple, kwargs: dict, output):
         cache = kwargs.get("past_key_values")
-        if not isinstance(cache, CompressedCache):
+        if not isinstance(cache, PolicyCache):
             return None
         layer = cache.layers[module.layer_idx]
         policy = cache.policy
@@ -81,14 +82,12 @@ def _pack(scores: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
     return scores.gather(-1, order)
 
 
-@contextmanager
-def compressed_cache_hooks(family: Family):
-    """Install the hooks for the duration of a `generate` (or forward) call with a CompressedCache."""
-    handles = [family.decoder.register_forward_pre_hook(_decoder_pre_hook, with_kwargs=True)]
+def install_hooks(family: Family) -> None:
+    """Install the hooks on the model once; later calls do nothing."""
+    if getattr(family.decoder, "_elastic_ray_hooked", False):
+        return
+    family.decoder.register_forward_pre_hook(_decoder_pre_hook, with_kwargs=True)
     post = _attention_post_hook(len(family.attentions))
-    handles += [a.register_forward_hook(post, with_kwargs=True) for a in family.attentions]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
+    for attention in family.attentions:
+        attention.register_forward_hook(post, with_kwargs=True)
+    family.decoder._elastic_ray_hooked = True

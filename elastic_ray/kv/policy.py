@@ -6,7 +6,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from elastic_ray.kv.budget import over_budget, peak_entries, prompt_kept
+from elastic_ray.kv.budget import EPS, peak_entries, prompt_kept
 from elastic_ray.kv.entries import Selection, real_mask
 
 
@@ -56,10 +56,8 @@ class CachePolicy:
         """[B] bool: rows that evict one entry this step."""
         if not self.evicts:
             return torch.zeros_like(cache_lens, dtype=torch.bool)
-        return torch.tensor(
-            [over_budget(int(c), int(n), self.budget) for c, n in zip(cache_lens.tolist(), seen.tolist())],
-            device=cache_lens.device,
-        )
+        # the same float64 operations, in the same order, as the scalar `over_budget`
+        return cache_lens.double() >= self.budget * seen.double() + 1.0 - EPS
 
     def truncation_points(self, kept: Tensor) -> Tensor:
         """[B] per-row fixed eviction index, for methods that evict at a fixed point."""

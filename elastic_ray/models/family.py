@@ -20,6 +20,10 @@ class Family:
     kv_heads: int
     head_dim: int
 
+    def entry_bytes(self, element_size: int) -> int:
+        """Bytes one cache entry takes across all layers (keys and values)."""
+        return 2 * len(self.attentions) * self.kv_heads * self.head_dim * element_size
+
     @property
     def positions_modes(self) -> tuple[str, ...]:
         return ("original",) if self.model_type in MROPE else ("original", "compact")

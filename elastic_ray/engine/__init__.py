@@ -1,0 +1,1 @@
+"""Continuous batching over fixed-size compressed KV slots."""

@@ -1,0 +1,164 @@
+"""Continuous batching over fixed-size compressed KV slots: `add_request`, `step`, `generate`."""
+
+import itertools
+import os
+
+import torch
+from torch import nn
+
+from elastic_ray.config import EngineConfig, SamplingParams
+from elastic_ray.engine.runner import ModelRunner
+from elastic_ray.engine.sampler import sample
+from elastic_ray.engine.scheduler import Scheduler
+from elastic_ray.engine.sequence import Sequence, Status
+from elastic_ray.engine.slots import KVSlots
+from elastic_ray.hf.generate import check_positions
+from elastic_ray.kv.policy import CachePolicy
+from elastic_ray.models.family import family_of
+from elastic_ray.models.prompts import build_prompt, check_request, default_prompt_tokens
+from elastic_ray.outputs import RequestOutput, eos_token_ids, finish
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes free on the device now: CUDA's free memory, or the host's available memory."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+class Engine:
+    """One model, one cache method, `num_slots` sequences in flight.
+
+    Each `step()` either prefills newly admitted requests (prefill first, as nano-vllm does) or
+    decodes one token for every running sequence, then retires the finished ones so their
+    slots are refilled at the next step.
+    """
+
+    def __init__(self, model: nn.Module, processor, policy: CachePolicy, config: EngineConfig | None = None):
+        self.model, self.processor, self.policy = model, processor, policy
+        self.config = config = config or EngineConfig()
+        self.tokenizer = processor.tokenizer
+        self.family = family_of(model)
+        check_positions(policy, self.family)
+        self.max_prompt_tokens = config.max_prompt_tokens or default_prompt_tokens(model)
+        context = model.config.get_text_config().max_position_embeddings
+        if self.max_prompt_tokens + config.max_tokens > context:
+            raise ValueError(
+                f"max_prompt_tokens + max_tokens = {self.max_prompt_tokens + config.max_tokens} exceeds the "
+                f"model's context of {context} tokens"
+            )
+        param = next(model.parameters())
+        self.entry_bytes = self.family.entry_bytes(param.element_size())
+        self.slot_size = policy.peak_entries(self.max_prompt_tokens, config.max_tokens)
+        memory = config.kv_cache_memory
+        budget_bytes = int(memory * free_memory(param.device)) if isinstance(memory, float) else memory
+        num_slots = min(config.max_num_seqs, budget_bytes // (self.slot_size * self.entry_bytes))
+        if num_slots < 1:
+            raise ValueError(
+                f"kv_cache_memory of {budget_bytes} bytes holds no slot of {self.slot_size * self.entry_bytes} bytes "
+                f"({self.slot_size} entries for {self.max_prompt_tokens} prompt + {config.max_tokens} new tokens)"
+            )
+        self.kv_budget_bytes = budget_bytes
+        slots = KVSlots(len(self.family.attentions), num_slots, self.slot_size, self.family.kv_heads,
+                        self.family.head_dim, param.dtype, param.device, with_scores=policy.decode_scores)
+        self.runner = ModelRunner(model, self.family, policy, slots, self.tokenizer.pad_token_id)
+        self.scheduler = Scheduler(num_slots, config.max_prefill_tokens)
+        self._ids = itertools.count()
+        self.peak_kv_bytes = 0
+        self.steps = {"prefill": 0, "decode": 0}
+
+    @property
+    def num_slots(self) -> int:
+        return self.scheduler.num_slots
+
+    @property
+    def kv_allocated_bytes(self) -> int:
+        return self.runner.slots.kv_bytes
+
+    def add_request(self, request: dict, sampling: SamplingParams | None = None, request_id=None) -> int | str:
+        """Queue `{"image": PIL.Image, "prompt": str}`; raises ValueError for a request it cannot run."""
+        sampling = sampling or SamplingParams()
+        request_id = next(self._ids) if request_id is None else request_id
+        if sampling.max_tokens > self.config.max_tokens:
+            raise ValueError(f"max_tokens {sampling.max_tokens} exceeds the engine's limit of {self.config.max_tokens}")
+        image, prompt = check_request(request)
+        inputs = dict(self.processor(images=[image], text=[build_prompt(self.processor, prompt)], return_tensors="pt"))
+        seq = Sequence(request_id, inputs, sampling)
+        if seq.prompt_tokens > self.max_prompt_tokens:
+            raise ValueError(
+                f"the prompt has {seq.prompt_tokens} tokens, over the engine's limit of {self.max_prompt_tokens} "
+                "(EngineConfig.max_prompt_tokens)"
+            )
+        if sampling.seed is not None:
+            seq.generator = torch.Generator(device=self.runner.device).manual_seed(sampling.seed)
+        self.scheduler.add(seq)
+        return request_id
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def step(self) -> list[RequestOutput]:
+        """Advance every running request by one token; returns their outputs (finished ones included)."""
+        admitted = self.scheduler.admit()
+        if admitted:
+            seqs, logits = admitted, self.runner.prefill(admitted)
+            self.steps["prefill"] += 1
+            stored = sum(s.kv_entries_prompt for s in self.scheduler.running)
+        else:
+            seqs = list(self.scheduler.running)
+            if not seqs:
+                return []
+            stored = int(self.runner.slots.lengths[: len(seqs)].sum()) + len(seqs)  # before eviction
+            logits = self.runner.decode(seqs)
+            self.steps["decode"] += 1
+        self.peak_kv_bytes = max(self.peak_kv_bytes, stored * self.entry_bytes)
+        outputs, finished = [], []
+        for seq, token in zip(seqs, sample(logits, seqs)):
+            seq.generated.append(token)
+            output = self._output(seq)
+            outputs.append(output)
+            if output.finished:
+                finished.append(seq)
+        for source, target in self.scheduler.retire(finished):
+            self.runner.move(source, target)
+        return outputs
+
+    def _output(self, seq: Sequence) -> RequestOutput:
+        eos = set() if seq.sampling.ignore_eos else eos_token_ids(self.model, self.tokenizer)
+        token_ids, text, reason = finish(self.tokenizer, seq.generated, seq.sampling, eos)
+        stats = {}
+        if reason is not None:
+            kept = int(self.runner.slots.lengths[seq.slot])
+            fed = len(token_ids) - 1  # the last generated token is never fed back
+            layers = len(self.family.attentions)
+            stats = {
+                "prompt_tokens": seq.prompt_tokens,
+                "output_tokens": len(token_ids),
+                "kv_entries_prompt": [seq.kv_entries_prompt] * layers,
+                "kv_entries": [kept] * layers,
+                "kv_bytes": kept * self.entry_bytes,
+                "kv_bytes_full": (seq.prompt_tokens + fed) * self.entry_bytes,
+                "slot_bytes": self.slot_size * self.entry_bytes,
+                "method": self.policy.name,
+                "budget": self.policy.budget,
+            }
+        return RequestOutput(seq.request_id, text, token_ids, reason, stats)
+
+    def generate(self, requests: list[dict], sampling: SamplingParams | None = None) -> list[RequestOutput]:
+        """Run requests to completion; outputs in request order. Bad requests raise before any work."""
+        if self.has_unfinished():
+            raise RuntimeError("generate() needs an idle engine; drive a busy one with step()")
+        ids = []
+        try:
+            for index, request in enumerate(requests):
+                ids.append(self.add_request(request, sampling))
+        except ValueError as error:
+            self.scheduler.waiting.clear()
+            raise ValueError(f"request {index}: {error}") from None
+        done = {}
+        while self.has_unfinished():
+            done.update((o.request_id, o) for o in self.step() if o.finished)
+        outputs = [done[i] for i in ids]
+        for index, output in enumerate(outputs):
+            output.request_id = index
+        return outputs

@@ -1,0 +1,36 @@
+"""One request's state inside the engine."""
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+import torch
+
+from elastic_ray.config import SamplingParams
+
+
+class Status(Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    """A request from admission to its last token. `inputs` are its processor tensors (batch 1)."""
+
+    request_id: int | str
+    inputs: dict[str, torch.Tensor]
+    sampling: SamplingParams
+    status: Status = Status.WAITING
+    slot: int = -1
+    generated: list[int] = field(default_factory=list)
+    kv_entries_prompt: int = 0
+    generator: torch.Generator | None = None
+
+    @property
+    def prompt_tokens(self) -> int:
+        return int(self.inputs["attention_mask"].sum())
+
+    @property
+    def last_token(self) -> int:
+        return self.generated[-1]
