@@ -1,0 +1,178 @@
+"""Throughput under one KV memory budget: plain `generate()` in static batches versus the engine.
+
+Every arm runs the same requests (a LLaVA-1.5-like prompt: 576 image tokens and about 40
+text tokens) with EOS ignored, so every arm generates exactly the same number of tokens.
+"""
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from elastic_ray.config import CacheConfig, EngineConfig, SamplingParams
+from elastic_ray.engine.engine import Engine
+from elastic_ray.models.family import family_of
+from elastic_ray.models.prompts import encode_requests
+from elastic_ray.models.synthetic import WORDS, random_llava
+
+# About 40 tokens once the template is added; three variants so prompts differ in length a little.
+INSTRUCTIONS = [
+    " ".join(WORDS[i : i + n] * 2)
+    for i, n in ((0, 17), (5, 18), (9, 16))
+]
+
+
+@dataclass(frozen=True)
+class Arm:
+    name: str
+    method: str  # "generate" = transformers' own generate() with its default full cache
+    budget: float = 1.0
+
+
+ARMS = [
+    Arm("a: generate(), full cache, static batches", "generate"),
+    Arm("b: engine, full cache", "full"),
+    Arm("c: engine, elastic 0.5", "elastic", 0.5),
+    Arm("d: engine, elastic 0.2", "elastic", 0.2),
+]
+
+
+def llava_15_like(dtype: torch.dtype = torch.float32):
+    """A random-weight LLaVA with LLaVA-1.5's prompt geometry (336 px, patch 14: 576 image tokens)."""
+    return random_llava(image_size=336, patch_size=14, hidden=512, layers=4, heads=8, vocab_size=8192,
+                        vision_hidden=64, vision_layers=2, dtype=dtype)
+
+
+def workload(n: int, image_size: int, seed: int = 0) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    return [
+        {"image": Image.fromarray(rng.integers(0, 255, (image_size, image_size, 3), dtype=np.uint8)),
+         "prompt": INSTRUCTIONS[i % len(INSTRUCTIONS)]}
+        for i in range(n)
+    ]
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak_device_bytes(device: torch.device) -> int | None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device)
+    return None  # no allocator statistics on the CPU
+
+
+def prompt_tokens(processor, requests: list[dict]) -> int:
+    """The longest prompt among the requests, in tokens."""
+    return max(int(encode_requests(processor, [r])["attention_mask"].sum()) for r in requests)
+
+
+def full_sequence_bytes(model, processor, max_tokens: int) -> int:
+    """KV bytes of the workload's longest request with a full cache."""
+    image_size = processor.image_processor.crop_size["height"]
+    prompt = prompt_tokens(processor, workload(len(INSTRUCTIONS), image_size))
+    return (prompt + max_tokens) * family_of(model).entry_bytes(next(model.parameters()).element_size())
+
+
+def run_generate(model, processor, requests, max_tokens: int, kv_budget_bytes: int) -> dict:
+    """Arm (a): `model.generate()` in static batches of the largest size whose full cache fits."""
+    entry_bytes = family_of(model).entry_bytes(next(model.parameters()).element_size())
+    per_seq = (prompt_tokens(processor, requests) + max_tokens) * entry_bytes
+    batch = kv_budget_bytes // per_seq
+    if batch < 1:
+        raise ValueError(f"the KV budget of {kv_budget_bytes} bytes holds no full-cache sequence of {per_seq} bytes")
+    param = next(model.parameters())
+    peak, generated = 0, 0
+    start = time.perf_counter()
+    for first in range(0, len(requests), batch):
+        inputs = {
+            k: v.to(param.device, dtype=param.dtype if v.is_floating_point() else None)
+            for k, v in encode_requests(processor, requests[first : first + batch]).items()
+        }
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=max_tokens, do_sample=False,
+                                 eos_token_id=None, pad_token_id=processor.tokenizer.pad_token_id,
+                                 return_dict_in_generate=True)
+        cache = out.past_key_values
+        peak = max(peak, sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers))
+        generated += (out.sequences.shape[1] - inputs["input_ids"].shape[1]) * out.sequences.shape[0]
+    wall = time.perf_counter() - start
+    return {"wall_s": wall, "generated_tokens": generated, "slots": batch, "kv_bytes_per_seq": per_seq,
+            "peak_kv_bytes": peak}
+
+
+def run_engine(model, processor, cache: CacheConfig, requests, max_tokens: int, kv_budget_bytes: int) -> dict:
+    """Arms (b)-(d): every request queued at once; the engine keeps its slots full."""
+    config = EngineConfig(kv_cache_memory=kv_budget_bytes, max_num_seqs=len(requests),
+                          max_prompt_tokens=prompt_tokens(processor, requests), max_tokens=max_tokens)
+    engine = Engine(model, processor, cache.policy, config)
+    sampling = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+    start = time.perf_counter()
+    outputs = engine.generate(requests, sampling)
+    wall = time.perf_counter() - start
+    return {"wall_s": wall, "generated_tokens": sum(len(o.token_ids) for o in outputs), "slots": engine.num_slots,
+            "kv_bytes_per_seq": engine.slot_size * engine.entry_bytes, "peak_kv_bytes": engine.peak_kv_bytes,
+            "kv_allocated_bytes": engine.kv_allocated_bytes}
+
+
+def run_benchmark(model, processor, *, num_requests: int, max_tokens: int, kv_budget_bytes: int,
+                  arms: list[Arm] = ARMS, warmup: int = 2) -> dict:
+    """Every arm on the same requests and budget, one after the other in this process."""
+    device = next(model.parameters()).device
+    image_size = processor.image_processor.crop_size["height"]
+    requests = workload(num_requests, image_size)
+    results = []
+    for arm in arms:
+        warm = workload(warmup, image_size, seed=1)
+        if arm.method == "generate":
+            run_generate(model, processor, warm, 2, kv_budget_bytes)
+        else:
+            run_engine(model, processor, CacheConfig(arm.method, arm.budget), warm, 2, kv_budget_bytes)
+        _reset_peak(device)
+        if arm.method == "generate":
+            measured = run_generate(model, processor, requests, max_tokens, kv_budget_bytes)
+        else:
+            measured = run_engine(model, processor, CacheConfig(arm.method, arm.budget), requests, max_tokens,
+                                  kv_budget_bytes)
+        measured["peak_device_bytes"] = _peak_device_bytes(device)
+        results.append({
+            "name": arm.name, "method": arm.method, "budget": arm.budget,
+            "tokens_per_s": measured["generated_tokens"] / measured["wall_s"],
+            "requests_per_s": num_requests / measured["wall_s"],
+            **measured,
+        })
+    base = results[0]["tokens_per_s"]
+    for result in results:
+        result["speedup"] = result["tokens_per_s"] / base
+    prompt = prompt_tokens(processor, requests)
+    return {
+        "device": device_name(device),
+        "kv_budget_bytes": kv_budget_bytes,
+        "workload": {"requests": num_requests, "max_tokens": max_tokens, "prompt_tokens": prompt,
+                     "image_tokens": getattr(model.config, "image_seq_length", None),
+                     "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")},
+        "arms": results,
+    }
+
+
+def format_table(result: dict) -> str:
+    """The arms as a Markdown table."""
+    header = "| arm | requests/s | tokens/s | slots | KV bytes/seq | peak KV bytes | speed-up vs (a) |"
+    rows = [header, "|" + "---|" * 7]
+    for arm in result["arms"]:
+        rows.append(
+            f"| {arm['name']} | {arm['requests_per_s']:.2f} | {arm['tokens_per_s']:.1f} | {arm['slots']} | "
+            f"{arm['kv_bytes_per_seq']:,} | {arm['peak_kv_bytes']:,} | {arm['speedup']:.2f}x |"
+        )
+    return "\n".join(rows)
