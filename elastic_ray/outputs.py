@@ -10,10 +10,11 @@ class RequestOutput:
     """One request's result. `token_ids` are the generated ids (EOS included when it ended the text)."""
 
     request_id: int | str
-    text: str
+    text: str | None
     token_ids: list[int]
-    finish_reason: str | None  # "stop" (EOS or a stop string), "length", or None while running
+    finish_reason: str | None  # "stop" (EOS or a stop string), "length", "error"; None while running
     stats: dict = field(default_factory=dict)
+    error: str | None = None  # why the request could not run (finish_reason "error")
 
     @property
     def finished(self) -> bool:

@@ -1,5 +1,7 @@
 """The engine: fixed-size slots, continuous batching, and the same greedy output as generate()."""
 
+import re
+
 import pytest
 
 from conftest import INSTRUCTIONS
@@ -110,10 +112,14 @@ def test_streamed_text_grows_by_prefixes_and_ends_with_one_finished_output(tiny_
 def test_requests_the_engine_cannot_hold_are_refused_and_it_keeps_serving(tiny_llava, images):
     llm = LLM(tiny_llava, engine=EngineConfig(max_prompt_tokens=30, max_tokens=8))
     short, long = {"image": images[0], "prompt": "what"}, {"image": images[0], "prompt": INSTRUCTIONS[2] * 3}
-    with pytest.raises(ValueError, match="request 1: the prompt has .* over the engine's limit of 30"):
-        llm.generate([short, long], SamplingParams(max_tokens=8))
-    with pytest.raises(ValueError, match="max_tokens 9 exceeds the engine's limit of 8"):
-        llm.generate([short], SamplingParams(max_tokens=9))
+    outs = llm.generate([short, long, short], SamplingParams(max_tokens=8, ignore_eos=True))
+    assert [o.finish_reason for o in outs] == ["length", "error", "length"]
+    assert re.fullmatch(r"request 1: the prompt has \d+ tokens, over the engine's limit of 30 .*", outs[1].error)
+    assert len(outs[0].token_ids) == len(outs[2].token_ids) == 8
+    (over,) = llm.generate([short], SamplingParams(max_tokens=9))
+    assert over.error == "request 0: max_tokens 9 exceeds the engine's limit of 8"
+    with pytest.raises(ValueError, match="over the engine's limit of 30"):
+        llm.engine.add_request(long, SamplingParams(max_tokens=8))
     assert len(llm.generate([short], SamplingParams(max_tokens=8, ignore_eos=True))[0].token_ids) == 8
 
 

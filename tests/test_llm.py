@@ -87,11 +87,18 @@ def test_seeded_sampling_is_reproducible(tiny_llava, images):
         ({"image": "IMG", "prompt": 3}, "'prompt' must be a non-empty string"),
     ],
 )
-def test_bad_requests_raise_value_error(bad, message, tiny_llava, images):
+def test_a_bad_request_fails_alone_with_a_clear_error(bad, message, tiny_llava, images):
     if bad.get("image") == "IMG":
         bad = {**bad, "image": images[0]}
+    good = requests(images)[0]
+    llm = LLM(tiny_llava)
+    outs = llm.generate([good, bad, good], SamplingParams(max_tokens=4, ignore_eos=True))
+    assert [o.finish_reason for o in outs] == ["length", "error", "length"]
+    assert outs[1].error.startswith("request 1: ") and message in outs[1].error
+    assert outs[1].text is None and outs[1].token_ids == [] and outs[0].error is None
+    assert outs[0].token_ids == outs[2].token_ids
     with pytest.raises(ValueError, match=message):
-        LLM(tiny_llava).generate([bad])
+        llm.engine.add_request(bad)  # the streaming interface raises at once
 
 
 @pytest.mark.parametrize("params", [dict(max_tokens=0), dict(max_tokens=-3), dict(temperature=-1), dict(top_p=0), dict(stop=[""])])

@@ -145,20 +145,23 @@ class Engine:
         return RequestOutput(seq.request_id, text, token_ids, reason, stats)
 
     def generate(self, requests: list[dict], sampling: SamplingParams | None = None) -> list[RequestOutput]:
-        """Run requests to completion; outputs in request order. Bad requests raise before any work."""
+        """Run requests to completion; outputs in request order, `request_id` = index. A request the
+        engine cannot run gets finish_reason "error" and its reason; the others run."""
         if self.has_unfinished():
             raise RuntimeError("generate() needs an idle engine; drive a busy one with step()")
-        ids = []
-        try:
-            for index, request in enumerate(requests):
+        ids, refused = [], {}
+        for index, request in enumerate(requests):
+            try:
                 ids.append(self.add_request(request, sampling))
-        except ValueError as error:
-            self.scheduler.waiting.clear()
-            raise ValueError(f"request {index}: {error}") from None
+            except ValueError as error:
+                ids.append(None)
+                refused[index] = RequestOutput(index, None, [], "error", error=f"request {index}: {error}")
         done = {}
         while self.has_unfinished():
             done.update((o.request_id, o) for o in self.step() if o.finished)
-        outputs = [done[i] for i in ids]
-        for index, output in enumerate(outputs):
+        outputs = []
+        for index, request_id in enumerate(ids):
+            output = refused.get(index) or done[request_id]
             output.request_id = index
+            outputs.append(output)
         return outputs
