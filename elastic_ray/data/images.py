@@ -5,6 +5,8 @@ allow-listed prefixes.
 Every failure raises `ImageError` with a message fit for a row's `error` column.
 """
 
+import base64
+import binascii
 import io
 import posixpath
 from dataclasses import dataclass
@@ -47,6 +49,28 @@ def decode_image(data, max_pixels: int = MAX_PIXELS) -> Image.Image:
         return image.convert("RGB")
     except Exception as e:
         raise ImageError(f"undecodable image ({image.format} {width}x{height}): {type(e).__name__}: {e}") from e
+
+
+def data_url_bytes(url: str, max_bytes: int = MAX_BYTES) -> bytes:
+    """The bytes of a `data:image/<type>;base64,<payload>` URL, at most `max_bytes` of them.
+
+    The payload's length is checked before it is decoded.
+    """
+    head, comma, payload = url.partition(",")
+    if not comma or not head.startswith("data:") or not head.endswith(";base64"):
+        raise ImageError("a data URL must look like data:image/<type>;base64,<payload>")
+    media_type = head[len("data:"): -len(";base64")]
+    if media_type and not media_type.startswith("image/"):
+        raise ImageError(f"data URL of type {media_type!r}, not an image")
+    if len(payload) > 4 * ((max_bytes + 2) // 3):
+        raise ImageError(f"data URL image is over the limit of {max_bytes} bytes")
+    try:
+        data = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise ImageError(f"data URL payload is not valid base64: {e}") from e
+    if len(data) > max_bytes:
+        raise ImageError(f"data URL image is over the limit of {max_bytes} bytes")
+    return data
 
 
 def _is_url(path: str) -> bool:
