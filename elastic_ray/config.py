@@ -63,7 +63,7 @@ class EngineConfig:
     `kv_cache_memory` is bytes (int) or a fraction (float in (0, 1]) of the device's free memory;
     the slot count is `min(max_num_seqs, kv_cache_memory // slot_bytes)`. A slot holds the
     method's bound for `max_prompt_tokens + max_tokens` (None: the model's image tokens plus
-    `TEXT_TOKENS`); longer requests are refused. `max_prefill_tokens` bounds the scratch cache of
+    `TEXT_TOKENS`, within the context); longer requests are refused. `max_prefill_tokens` bounds the scratch cache of
     one prefill batch.
     """
 

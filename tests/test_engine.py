@@ -128,6 +128,8 @@ def test_bad_engine_configs_are_refused(tiny_llava):
         Engine(*tiny_llava, CacheConfig().policy, EngineConfig(kv_cache_memory=1000))
     with pytest.raises(ValueError, match="exceeds the model's context"):
         Engine(*tiny_llava, CacheConfig().policy, EngineConfig(max_prompt_tokens=10**6))
+    with pytest.raises(ValueError, match="exceeds the model's context"):
+        Engine(*tiny_llava, CacheConfig().policy, EngineConfig(max_tokens=4096))
     for bad in (dict(kv_cache_memory=0), dict(kv_cache_memory=1.5), dict(max_num_seqs=0), dict(max_tokens=-1)):
         with pytest.raises(ValueError):
             EngineConfig(**bad)

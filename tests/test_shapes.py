@@ -12,6 +12,7 @@ from elastic_ray.data.shapes import (
     CAPTION_INSTRUCTION,
     CELLS,
     COLORS,
+    NUMBERS,
     SHAPES,
     ShapeObject,
     answer_match,
@@ -20,6 +21,7 @@ from elastic_ray.data.shapes import (
     object_f1,
     parse_caption,
     png_bytes,
+    question_kind,
     split_of,
     write_shards,
 )
@@ -60,17 +62,26 @@ def test_captions_follow_grammar_and_parse_back(scenes):
 
 
 def test_questions_have_unique_answers(scenes):
+    kinds = set()
     for s in scenes:
         questions = [q for q, _ in s.qa]
         assert len(questions) == len(set(questions))
-        assert s.qa[0] == ("How many objects are there?", ["one", "two", "three", "four"][len(s.objects) - 1])
+        assert s.qa[0] == ("How many objects are there?", NUMBERS[len(s.objects)])
         for q, a in s.qa:
-            if q.startswith("What color is the ") and " at the " not in q and " in the " not in q:
+            kind = question_kind(q)
+            kinds.add(kind)
+            if kind == "color_of":
                 shape = q.removeprefix("What color is the ").rstrip("?")
                 assert [o.color for o in s.objects if o.shape == shape] == [a]
-            if q.startswith("Where is the "):
+            if kind == "where":
                 color, shape = q.removeprefix("Where is the ").rstrip("?").split()
                 assert [CELLS[o.cell] for o in s.objects if (o.color, o.shape) == (color, shape)] == [a]
+            if kind in ("shape", "color"):
+                (obj,) = [o for o in s.objects if q.endswith(f" {o.location}?")]
+                assert a == getattr(obj, kind)
+    assert kinds == {"count", "shape", "color", "color_of", "where"}
+    with pytest.raises(ValueError):
+        question_kind("Is it raining?")
 
 
 def test_splits_never_share_a_scene():

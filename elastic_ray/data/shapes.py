@@ -117,6 +117,15 @@ def questions_of(objects: Iterable[ShapeObject]) -> list[tuple[str, str]]:
     return qa
 
 
+def question_kind(question: str) -> str:
+    """The kind of a `questions_of` question: count, shape, color, color_of (a shape) or where."""
+    for prefix, kind in (("How many", "count"), ("What shape", "shape"), ("What color is the shape ", "color"),
+                         ("What color", "color_of"), ("Where", "where")):
+        if question.startswith(prefix):
+            return kind
+    raise ValueError(f"not a shapes question: {question!r}")
+
+
 def iter_scenes(seed: int = 0, split: str = "train", image_size: int = IMAGE_SIZE) -> Iterator[Scene]:
     """An endless, deterministic stream of scenes of one split."""
     if split not in SPLITS:

@@ -40,9 +40,10 @@ class Engine:
         self.tokenizer = processor.tokenizer
         self.family = family_of(model)
         check_positions(policy, self.family)
-        self.max_prompt_tokens = config.max_prompt_tokens or default_prompt_tokens(model)
         context = model.config.get_text_config().max_position_embeddings
-        if self.max_prompt_tokens + config.max_tokens > context:
+        # unset, the prompt limit is the model's image tokens plus some text, within the context
+        self.max_prompt_tokens = config.max_prompt_tokens or min(default_prompt_tokens(model), context - config.max_tokens)
+        if self.max_prompt_tokens < 1 or self.max_prompt_tokens + config.max_tokens > context:
             raise ValueError(
                 f"max_prompt_tokens + max_tokens = {self.max_prompt_tokens + config.max_tokens} exceeds the "
                 f"model's context of {context} tokens"
@@ -75,15 +76,24 @@ class Engine:
     def kv_allocated_bytes(self) -> int:
         return self.runner.slots.kv_bytes
 
-    def add_request(self, request: dict, sampling: SamplingParams | None = None, request_id=None) -> int | str:
-        """Queue `{"image": PIL.Image, "prompt": str}`; raises ValueError for a request it cannot run."""
+    def add_request(self, request: dict, sampling: SamplingParams | None = None, request_id=None,
+                    forced_tokens: list[int] | None = None) -> int | str:
+        """Queue `{"image": PIL.Image, "prompt": str}`; raises ValueError for a request it cannot run.
+
+        With `forced_tokens` the request is teacher-forced: those tokens are fed instead of
+        sampled ones, whatever EOS says, and `stats["logprobs"]` holds each one's log-probability.
+        """
         sampling = sampling or SamplingParams()
+        if forced_tokens is not None:
+            if not forced_tokens:
+                raise ValueError("forced_tokens must not be empty")
+            sampling = SamplingParams(max_tokens=len(forced_tokens), ignore_eos=True)
         request_id = next(self._ids) if request_id is None else request_id
         if sampling.max_tokens > self.config.max_tokens:
             raise ValueError(f"max_tokens {sampling.max_tokens} exceeds the engine's limit of {self.config.max_tokens}")
         image, prompt = check_request(request)
         inputs = dict(self.processor(images=[image], text=[build_prompt(self.processor, prompt)], return_tensors="pt"))
-        seq = Sequence(request_id, inputs, sampling)
+        seq = Sequence(request_id, inputs, sampling, forced=None if forced_tokens is None else list(forced_tokens))
         if seq.prompt_tokens > self.max_prompt_tokens:
             raise ValueError(
                 f"the prompt has {seq.prompt_tokens} tokens, over the engine's limit of {self.max_prompt_tokens} "
@@ -142,6 +152,8 @@ class Engine:
                 "method": self.policy.name,
                 "budget": self.policy.budget,
             }
+            if seq.forced is not None:
+                stats["logprobs"] = list(seq.logprobs)
         return RequestOutput(seq.request_id, text, token_ids, reason, stats)
 
     def generate(self, requests: list[dict], sampling: SamplingParams | None = None) -> list[RequestOutput]:

@@ -7,6 +7,7 @@ must make every score collapse: that shows the answers come from the image.
 from __future__ import annotations
 
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -21,6 +22,7 @@ from elastic_ray.data.shapes import (
     caption_exact_match,
     make_scenes,
     object_f1,
+    question_kind,
 )
 from elastic_ray.models.demo_build import DEMO_DIR, MAX_NEW_TOKENS, format_prompt
 
@@ -55,10 +57,14 @@ def score(model, processor, scenes: list[Scene], images: list[Image.Image], batc
     answers = generate_answers(model, processor, [p[0] for p in pairs], [p[1] for p in pairs],
                                ANSWER_TOKENS, batch_size)
     refs = [s.caption for s in scenes]
+    hits: dict[str, list[bool]] = defaultdict(list)
+    for answer, (_, question, ref) in zip(answers, pairs):
+        hits[question_kind(question)].append(answer_match(answer, ref))
     return {
         "caption_exact_match": sum(map(caption_exact_match, captions, refs)) / len(scenes),
         "object_f1": sum(map(object_f1, captions, refs)) / len(scenes),
-        "vqa_accuracy": sum(answer_match(p, r) for p, (_, _, r) in zip(answers, pairs)) / len(pairs),
+        "vqa_accuracy": sum(sum(h) for h in hits.values()) / len(pairs),
+        "vqa_by_kind": {kind: sum(h) / len(h) for kind, h in sorted(hits.items())},
         "n_questions": len(pairs),
     }
 
