@@ -108,15 +108,22 @@ class SlotLayer(CacheLayerMixin):
         self.positions.scatter_(2, column, (seen - 1)[:, None, None].expand_as(column).to(self.positions.dtype))
 
     def evict(self, rows: Tensor, victims: Tensor) -> None:
-        """Delete entry `victims[b, h]` of each row in `rows`, shifting newer entries left."""
+        """Delete entry `victims[b, h]` of each row in `rows`, shifting newer entries left.
+
+        Only columns from the lowest victim on move: Elastic Cache evicts at a fixed point near
+        the end, so a step copies a few columns per row, not the whole cache.
+        """
         if not bool(rows.any()):
             return
-        column = torch.arange(self.width, device=rows.device)[None, None, :]
+        first = int(victims[rows].min())
+        column = torch.arange(first, self.width, device=rows.device)[None, None, :]
         index = (column + (rows[:, None, None] & (column >= victims[:, :, None])).long()).clamp(max=self.width - 1)
+        index -= first
         for view in (self.keys, self.values, self.positions, self.scores):
             if view is not None:
-                gather_index = index if view.dim() == 3 else index[..., None].expand_as(view)
-                view.copy_(view.gather(2, gather_index))
+                window = view[:, :, first:]
+                gather_index = index if view.dim() == 3 else index[..., None].expand(*index.shape, view.shape[-1])
+                window.copy_(window.gather(2, gather_index))
         self.lengths = self.lengths - rows.long()
 
 

@@ -17,17 +17,22 @@ def attention_column_sums(
     """
     batch, heads, num_queries, _ = queries.shape
     num_keys = keys.shape[2]
-    keys = keys.repeat_interleave(heads // keys.shape[1], dim=1).float()
+    keys_t = keys.repeat_interleave(heads // keys.shape[1], dim=1).float().transpose(-1, -2)
+    queries = queries.float() * scaling
     key_index = torch.arange(num_keys, device=keys.device)
+    weights = query_valid.float()
     sums = torch.zeros(batch, heads, num_keys, dtype=torch.float32, device=keys.device)
     chunk = max(1, CHUNK_ELEMENTS // max(1, batch * heads * num_keys))
     for start in range(0, num_queries, chunk):
         stop = min(start + chunk, num_queries)
-        logits = queries[:, :, start:stop].float() @ keys.transpose(-1, -2) * scaling
         query_index = torch.arange(start, stop, device=keys.device) + query_offset
-        visible = key_valid[:, None, None, :] & (key_index[None, :] <= query_index[:, None])[None, None]
-        probs = logits.masked_fill(~visible, float("-inf")).softmax(-1).nan_to_num(0.0)
-        sums += (probs * query_valid[:, None, start:stop, None]).sum(2)
+        visible = key_valid[:, None, :] & (key_index[None, :] <= query_index[:, None])[None]
+        # a padding query sees every key, so no row is all -inf (no NaN); its weight is 0
+        visible |= ~query_valid[:, start:stop, None]
+        bias = torch.zeros(visible.shape, dtype=torch.float32, device=keys.device).masked_fill_(~visible, float("-inf"))
+        probs = torch.matmul(queries[:, :, start:stop], keys_t).add_(bias[:, None]).softmax(-1)
+        # [B, H, Q, K] x [B, 1, Q, 1] summed over Q, as one batched product
+        sums += torch.matmul(weights[:, None, None, start:stop], probs).squeeze(2)
     return sums
 
 
