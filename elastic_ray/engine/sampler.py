@@ -7,10 +7,18 @@ from elastic_ray.engine.sequence import Sequence
 
 
 def sample(logits: Tensor, seqs: list[Sequence]) -> list[int]:
-    """One token per row of `logits` [n, vocab], each row following its sequence's params."""
+    """One token per row of `logits` [n, vocab], each row following its sequence's params.
+
+    A teacher-forced sequence gets its next forced token, and that token's log-probability
+    is appended to `seq.logprobs`.
+    """
     tokens = logits.argmax(dim=-1).tolist()
     for row, seq in enumerate(seqs):
         params = seq.sampling
+        if seq.forced is not None:
+            tokens[row] = seq.forced[len(seq.generated)]
+            seq.logprobs.append(float(torch.log_softmax(logits[row].float(), dim=-1)[tokens[row]]))
+            continue
         if params.temperature == 0.0:
             continue
         probs = torch.softmax(logits[row].float() / params.temperature, dim=-1)

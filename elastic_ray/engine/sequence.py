@@ -26,6 +26,8 @@ class Sequence:
     generated: list[int] = field(default_factory=list)
     kv_entries_prompt: int = 0
     generator: torch.Generator | None = None
+    forced: list[int] | None = None  # teacher forcing: feed these tokens and score them
+    logprobs: list[float] = field(default_factory=list)  # log-probability of each forced token
 
     @property
     def prompt_tokens(self) -> int:

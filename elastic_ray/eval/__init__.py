@@ -1,0 +1,1 @@
+"""Fidelity of a compressed cache against the full cache and the ground truth."""

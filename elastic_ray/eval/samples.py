@@ -1,0 +1,42 @@
+"""What an evaluation runs on: (image, instruction, reference) samples, from shapes or Parquet."""
+
+import random
+from dataclasses import dataclass
+
+import pyarrow.parquet as pq
+from PIL import Image
+
+from elastic_ray.data.images import decode_image
+from elastic_ray.data.shapes import CAPTION_INSTRUCTION, make_scenes
+
+
+@dataclass(frozen=True)
+class Sample:
+    id: str
+    image: Image.Image
+    instruction: str
+    reference: str
+    kind: str  # "caption", "vqa", or "reference" for a data set with no task scorer
+
+
+def shapes_samples(n: int, seed: int = 0) -> list[Sample]:
+    """`n` test-split scenes, each as a caption sample and as one of its questions."""
+    rng = random.Random(seed)
+    samples = []
+    for i, scene in enumerate(make_scenes(n, seed=seed, split="test")):
+        question, answer = rng.choice(scene.qa)
+        samples.append(Sample(f"{i}-caption", scene.image, CAPTION_INSTRUCTION, scene.caption, "caption"))
+        samples.append(Sample(f"{i}-vqa", scene.image, question, answer, "vqa"))
+    return samples
+
+
+def parquet_samples(path: str, n: int | None = None, *, id_column: str = "id", image_column: str = "image",
+                    instruction_column: str = "instruction", reference_column: str = "reference") -> list[Sample]:
+    """Rows of a Parquet file or directory with encoded images, instructions and reference answers."""
+    table = pq.read_table(path)
+    missing = [c for c in (id_column, image_column, instruction_column, reference_column) if c not in table.column_names]
+    if missing:
+        raise ValueError(f"{path} has no column(s) {missing}; it has {table.column_names}")
+    rows = table.slice(0, n).to_pylist() if n else table.to_pylist()
+    return [Sample(str(r[id_column]), decode_image(r[image_column]), r[instruction_column], r[reference_column], "reference")
+            for r in rows]

@@ -1,0 +1,103 @@
+"""One evaluation cell (a method at a budget) and a sweep of them against the full cache."""
+
+from dataclasses import dataclass
+
+from elastic_ray.config import CacheConfig, EngineConfig, SamplingParams
+from elastic_ray.engine.engine import Engine
+from elastic_ray.eval.metrics import perplexity, rouge_l, shapes_accuracy
+from elastic_ray.eval.samples import Sample
+from elastic_ray.models.prompts import build_prompt
+
+FULL = ("full", 1.0)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """A method, a budget and the method's options (for ablations)."""
+
+    method: str
+    budget: float
+    options: tuple[tuple[str, object], ...] = ()
+
+    @property
+    def label(self) -> str:
+        return self.method + "".join(f" {k}={v}" for k, v in self.options)
+
+    def cache(self) -> CacheConfig:
+        return CacheConfig(self.method, self.budget, **dict(self.options))
+
+
+def grid(methods: list[str], budgets: list[float], ablations: dict[str, list] | None = None,
+         ablation_budgets: list[float] | None = None) -> list[Cell]:
+    """Every method at every budget (full only at 1.0), then each elastic option value at the
+    ablation budgets; the full cache comes first."""
+    cells = [Cell(*FULL)]
+    cells += [Cell(m, b) for m in methods if m != "full" for b in budgets]
+    for option, values in (ablations or {}).items():
+        cells += [Cell("elastic", b, ((option, v),)) for v in values for b in (ablation_budgets or budgets)]
+    return cells
+
+
+def answer_tokens(processor, sample: Sample) -> list[int]:
+    """The reference answer's tokens as the model would write them after the prompt."""
+    prompt = build_prompt(processor, sample.instruction)
+    space = "" if prompt[-1:].isspace() else " "
+    return processor.tokenizer(space + sample.reference.strip(), add_special_tokens=False).input_ids
+
+
+def run_cell(model, processor, cell: Cell, samples: list[Sample], max_tokens: int,
+             full_outputs: list[str] | None = None, engine: EngineConfig | None = None,
+             score_ppl: bool = True) -> tuple[dict, list[str]]:
+    """Greedy outputs and teacher-forced log-probabilities of `samples` under `cell`.
+
+    Returns the cell's scores and its greedy texts. PPL is spec §8's: the first answer token
+    is scored from the full prompt pass, every later one against the compressed cache with the
+    generation-stage rule applied after each step.
+    """
+    forced = [answer_tokens(processor, s) for s in samples]
+    config = engine or EngineConfig(max_tokens=max(max_tokens, *map(len, forced)))
+    runner = Engine(model, processor, cell.cache().policy, config)
+    requests = [{"image": s.image, "prompt": s.instruction} for s in samples]
+    greedy = runner.generate(requests, SamplingParams(max_tokens=max_tokens))
+    ok = [i for i, o in enumerate(greedy) if o.error is None]
+    texts = [o.text if o.error is None else None for o in greedy]
+    result = {
+        "method": cell.method, "budget": cell.budget, "options": dict(cell.options), "label": cell.label,
+        "samples": len(samples), "errors": len(samples) - len(ok),
+        "ppl": perplexity(teacher_forced(runner, [requests[i] for i in ok], [forced[i] for i in ok])) if score_ppl else None,
+        "rouge_l": rouge_l([texts[i] for i in ok], [(full_outputs or texts)[i] for i in ok]),
+        "kv_bytes_mean": sum(greedy[i].stats["kv_bytes"] for i in ok) / len(ok),
+        "kv_bytes_full_mean": sum(greedy[i].stats["kv_bytes_full"] for i in ok) / len(ok),
+    }
+    kinds = {samples[i].kind for i in ok}
+    if kinds <= {"caption", "vqa"}:
+        result |= shapes_accuracy([samples[i].kind for i in ok], [texts[i] for i in ok],
+                                  [samples[i].reference for i in ok])
+    else:
+        result["accuracy"] = None
+    return result, texts
+
+
+def teacher_forced(engine: Engine, requests: list[dict], forced: list[list[int]]) -> list[list[float]]:
+    """Each request's forced tokens' log-probabilities, run batched on the engine."""
+    ids = [engine.add_request(r, forced_tokens=f) for r, f in zip(requests, forced)]
+    scored = {}
+    while engine.has_unfinished():
+        scored.update((o.request_id, o) for o in engine.step() if o.finished)
+    return [scored[i].stats["logprobs"] for i in ids]
+
+
+def sweep(model, processor, cells: list[Cell], samples: list[Sample], max_tokens: int, run_cells=None) -> list[dict]:
+    """Run the full-cache cell first, then every other cell against its outputs.
+
+    `run_cells(cells, full_outputs)` may run the cells elsewhere (on Ray, in parallel); by
+    default they run here, one after the other.
+    """
+    if cells[0] != Cell(*FULL):
+        raise ValueError("a sweep starts with the full cache: it is the reference for ROUGE-L")
+
+    def here(rest, full_outputs):
+        return [run_cell(model, processor, cell, samples, max_tokens, full_outputs)[0] for cell in rest]
+
+    full, full_outputs = run_cell(model, processor, cells[0], samples, max_tokens)
+    return [full, *(run_cells or here)(cells[1:], full_outputs)]

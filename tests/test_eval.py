@@ -1,0 +1,118 @@
+"""Fidelity evaluation: the scores on hand-computed cases, teacher forcing, and a sweep end to end."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+from elastic_ray.eval.metrics import perplexity, rouge_l, shapes_accuracy
+from elastic_ray.eval.results import write_results
+from elastic_ray.eval.samples import Sample, parquet_samples, shapes_samples
+from elastic_ray.eval.sweep import Cell, answer_tokens, grid, run_cell, sweep
+from elastic_ray.models.prompts import build_prompt
+
+
+def test_perplexity_is_corpus_level():
+    # three tokens with probabilities 1/2, 1/4, 1/2: exp(mean NLL) = 2 ** (4/3), not a mean of per-sample PPLs
+    assert perplexity([[math.log(0.5)], [math.log(0.25), math.log(0.5)]]) == pytest.approx(2 ** (4 / 3))
+    with pytest.raises(ValueError):
+        perplexity([[]])
+
+
+def test_rouge_l_is_the_lcs_f1():
+    # LCS("a b c d", "a c d e") = "a c d": precision 3/4, recall 3/4
+    assert rouge_l(["a b c d"], ["a c d e"]) == pytest.approx(0.75)
+    # LCS = 2 of a 2-word prediction and a 4-word reference: P = 1, R = 1/2, F = 2/3
+    assert rouge_l(["red circle", "x"], ["a red big circle", "x"]) == pytest.approx((2 / 3 + 1) / 2)
+    with pytest.raises(ValueError):
+        rouge_l(["a"], [])
+
+
+def test_shapes_accuracy_scores_captions_and_answers_separately():
+    ref = "a large red circle at the top left and a small blue square in the center."
+    scores = shapes_accuracy(
+        ["caption", "caption", "vqa", "vqa"],
+        [ref.upper(), "a large red circle at the top left.", "Red.", "blue"],
+        [ref, ref, "red", "green"],
+    )
+    assert scores["caption_exact_match"] == 0.5 and scores["vqa_accuracy"] == 0.5
+    assert scores["object_f1"] == pytest.approx((1 + 2 * (1 * 0.5) / 1.5) / 2)
+    assert scores["accuracy"] == 0.5
+
+
+def test_teacher_forced_logprobs_equal_one_plain_forward_over_prompt_and_answer(tiny_llava):
+    model, processor = tiny_llava
+    sample = shapes_samples(1)[0]
+    result_cell, _ = run_cell(model, processor, Cell("full", 1.0), [sample], max_tokens=4)
+    answer = answer_tokens(processor, sample)
+    inputs = processor(images=[sample.image], text=[build_prompt(processor, sample.instruction)], return_tensors="pt")
+    ids = torch.cat([inputs["input_ids"], torch.tensor([answer])], dim=1)
+    with torch.no_grad():
+        logits = model(input_ids=ids, pixel_values=inputs["pixel_values"]).logits[0]
+    start = inputs["input_ids"].shape[1] - 1
+    logprobs = torch.log_softmax(logits[start : start + len(answer)], dim=-1)
+    nll = -logprobs[torch.arange(len(answer)), torch.tensor(answer)].mean()
+    assert result_cell["ppl"] == pytest.approx(math.exp(nll.item()), rel=1e-4)
+
+
+def test_a_tiny_sweep_end_to_end(tiny_llava, tmp_path):
+    model, processor = tiny_llava
+    samples = shapes_samples(2)
+    cells = grid(["full", "elastic", "h2o", "streaming"], [0.3, 1.0], {"positions": ["compact"]}, [0.3])
+    assert cells[0] == Cell("full", 1.0) and len(cells) == 1 + 3 * 2 + 1
+    results = sweep(model, processor, cells, samples, max_tokens=6)
+    full = results[0]
+    assert full["rouge_l"] == 1.0 and full["errors"] == 0 and full["samples"] == 4
+    for cell in results:
+        if cell["budget"] == 1.0:  # every method at budget 1.0 is the full cache
+            assert cell["rouge_l"] == 1.0 and cell["ppl"] == pytest.approx(full["ppl"], rel=1e-5)
+            assert cell["kv_bytes_mean"] == full["kv_bytes_mean"]
+        else:
+            assert cell["kv_bytes_mean"] < full["kv_bytes_mean"] and 0.0 <= cell["rouge_l"] <= 1.0
+        assert set(cell) >= {"method", "budget", "ppl", "rouge_l", "accuracy", "object_f1"}
+    paths = write_results({"model": "tiny", "cells": results}, tmp_path)
+    assert json.loads((tmp_path / "results.json").read_text())["cells"] == results
+    table = (tmp_path / "results.md").read_text()
+    assert table.count("\n") == 2 + len(results) and "elastic positions=compact" in table
+    for metric in ("ppl", "rouge_l", "accuracy"):
+        png = tmp_path / f"{metric}.png"
+        assert png in paths and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert Image.open(png).size == (720, 480)
+
+
+def test_bring_your_own_parquet_runs_the_same_way(tiny_llava, tmp_path):
+    from elastic_ray.data.shapes import write_shards
+
+    write_shards(tmp_path / "data", 3, rows_per_shard=3, seed=0, split="test")
+    samples = parquet_samples(str(tmp_path / "data"))
+    assert len(samples) == 3 and all(s.kind == "reference" for s in samples)
+    result, texts = run_cell(*tiny_llava, Cell("elastic", 0.5), samples, max_tokens=4)
+    assert result["accuracy"] is None and result["ppl"] > 1.0 and len(texts) == 3
+    with pytest.raises(ValueError, match="no column"):
+        parquet_samples(str(tmp_path / "data"), reference_column="answer")
+
+
+def test_the_job_rejects_bad_arguments_before_loading_anything():
+    for bad in (["--methods", "elastic,lru"], ["--budgets", "0.5,1.5"]):
+        run = subprocess.run([sys.executable, "jobs/evaluate.py", *bad], capture_output=True, text=True)
+        assert run.returncode == 2 and "error:" in run.stderr
+
+
+def test_auto_budget_picks_the_smallest_budget_meeting_the_target(tiny_llava):
+    from elastic_ray.eval.calibrate import choose_budget
+
+    samples = shapes_samples(2)
+    loose = choose_budget(*tiny_llava, samples, "elastic", target_rouge=0.01, max_tokens=6, candidates=(0.5, 0.2))
+    assert loose["budget"] == 0.2 and loose["tried"] == [{"budget": 0.2, "rouge_l": loose["rouge_l"]}]
+    assert loose["rouge_l"] >= 0.01
+    strict = choose_budget(*tiny_llava, samples, "elastic", target_rouge=1.0, max_tokens=6, candidates=(0.1,))
+    if strict["tried"][0]["rouge_l"] < 1.0:
+        assert strict["budget"] == 1.0 and strict["rouge_l"] is None
+    else:
+        assert strict["budget"] == 0.1
+    with pytest.raises(ValueError):
+        choose_budget(*tiny_llava, samples, "elastic", target_rouge=1.5, max_tokens=6)
