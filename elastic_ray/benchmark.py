@@ -39,10 +39,18 @@ ARMS = [
 ]
 
 
-def llava_15_like(dtype: torch.dtype = torch.float32):
-    """A random-weight LLaVA with LLaVA-1.5's prompt geometry (336 px, patch 14: 576 image tokens)."""
-    return random_llava(image_size=336, patch_size=14, hidden=512, layers=4, heads=8, vocab_size=8192,
-                        vision_hidden=64, vision_layers=2, dtype=dtype)
+# LLaVA-1.5's prompt geometry (336 px, patch 14: 576 image tokens) at two sizes.
+SHAPES = {
+    "llava-1.5-7b": dict(hidden=4096, intermediate=11008, layers=32, heads=32, vocab_size=32064,
+                         vision_hidden=1024, vision_intermediate=4096, vision_layers=24, vision_heads=16),
+    "quick": dict(hidden=768, intermediate=2048, layers=8, heads=12, vocab_size=32064,
+                  vision_hidden=256, vision_layers=4, vision_heads=4),  # ~110 M parameters, for CPUs
+}
+
+
+def random_llava_15(shape: str, dtype: torch.dtype, device) -> tuple:
+    """A random-weight LLaVA of one of `SHAPES`: throughput needs no trained weights."""
+    return random_llava(image_size=336, patch_size=14, dtype=dtype, device=device, **SHAPES[shape])
 
 
 def workload(n: int, image_size: int, seed: int = 0) -> list[dict]:
@@ -58,6 +66,11 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"cpu ({torch.get_num_threads()} threads)"
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _reset_peak(device: torch.device) -> None:
@@ -112,18 +125,56 @@ def run_generate(model, processor, requests, max_tokens: int, kv_budget_bytes: i
             "peak_kv_bytes": peak}
 
 
+def copy_bandwidth(device: torch.device, nbytes: int = 256 * 2**20, repeats: int = 5) -> float:
+    """Bytes per second a large on-device copy moves (read plus write), best of `repeats`."""
+    source = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    target = torch.empty_like(source)
+    best = float("inf")
+    for _ in range(repeats):
+        _synchronize(device)
+        start = time.perf_counter()
+        target.copy_(source)
+        _synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * nbytes / best
+
+
+def decode_weight_bytes(model) -> int:
+    """Weight bytes one decode step reads: the language model and its head (the input embedding
+    table only where it is the head's weight too; a lookup reads just the fed rows)."""
+    embedding = model.get_input_embeddings().weight
+    head = model.get_output_embeddings().weight
+    params = {id(p): p for p in model.model.language_model.parameters() if p is not embedding}
+    params[id(head)] = head
+    return sum(p.numel() * p.element_size() for p in params.values())
+
+
 def run_engine(model, processor, cache: CacheConfig, requests, max_tokens: int, kv_budget_bytes: int) -> dict:
-    """Arms (b)-(d): every request queued at once; the engine keeps its slots full."""
+    """Arms (b)-(d): every request queued at once; the engine keeps its slots full. Decode steps at
+    full occupancy are timed to compare the bytes they read with the device's copy bandwidth."""
     config = EngineConfig(kv_cache_memory=kv_budget_bytes, max_num_seqs=len(requests),
                           max_prompt_tokens=prompt_tokens(processor, requests), max_tokens=max_tokens)
     engine = Engine(model, processor, cache.policy, config)
     sampling = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+    full_steps, generated = [], 0
     start = time.perf_counter()
-    outputs = engine.generate(requests, sampling)
+    for request in requests:
+        engine.add_request(request, sampling)
+    while engine.has_unfinished():
+        busy, prefills = len(engine.scheduler.running), engine.steps["prefill"]
+        stored = int(engine.runner.slots.lengths[:busy].sum()) * engine.entry_bytes
+        step_start = time.perf_counter()
+        outputs = engine.step()
+        if engine.steps["prefill"] == prefills and busy == engine.num_slots:
+            full_steps.append((time.perf_counter() - step_start, stored))
+        generated += sum(len(o.token_ids) for o in outputs if o.finished)
     wall = time.perf_counter() - start
-    return {"wall_s": wall, "generated_tokens": sum(len(o.token_ids) for o in outputs), "slots": engine.num_slots,
+    weights = decode_weight_bytes(model)
+    rates = sorted((weights + stored) / seconds for seconds, stored in full_steps)
+    return {"wall_s": wall, "generated_tokens": generated, "slots": engine.num_slots,
             "kv_bytes_per_seq": engine.slot_size * engine.entry_bytes, "peak_kv_bytes": engine.peak_kv_bytes,
-            "kv_allocated_bytes": engine.kv_allocated_bytes}
+            "kv_allocated_bytes": engine.kv_allocated_bytes, "full_decode_steps": len(full_steps),
+            "decode_read_bytes_per_s": rates[len(rates) // 2] if rates else None}
 
 
 def run_benchmark(model, processor, *, num_requests: int, max_tokens: int, kv_budget_bytes: int,
@@ -153,12 +204,17 @@ def run_benchmark(model, processor, *, num_requests: int, max_tokens: int, kv_bu
             **measured,
         })
     base = results[0]["tokens_per_s"]
+    bandwidth = copy_bandwidth(device)
     for result in results:
         result["speedup"] = result["tokens_per_s"] / base
+        rate = result.get("decode_read_bytes_per_s")
+        result["decode_bandwidth_fraction"] = None if rate is None else rate / bandwidth
     prompt = prompt_tokens(processor, requests)
     return {
         "device": device_name(device),
         "kv_budget_bytes": kv_budget_bytes,
+        "copy_bandwidth_bytes_per_s": bandwidth,
+        "decode_weight_bytes": decode_weight_bytes(model),
         "workload": {"requests": num_requests, "max_tokens": max_tokens, "prompt_tokens": prompt,
                      "image_tokens": getattr(model.config, "image_seq_length", None),
                      "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")},
@@ -168,11 +224,14 @@ def run_benchmark(model, processor, *, num_requests: int, max_tokens: int, kv_bu
 
 def format_table(result: dict) -> str:
     """The arms as a Markdown table."""
-    header = "| arm | requests/s | tokens/s | slots | KV bytes/seq | peak KV bytes | speed-up vs (a) |"
-    rows = [header, "|" + "---|" * 7]
+    header = ("| arm | requests/s | tokens/s | slots | KV bytes/seq | peak KV bytes | speed-up vs (a) "
+              "| decode step, share of copy bandwidth |")
+    rows = [header, "|" + "---|" * 8]
     for arm in result["arms"]:
+        share = arm["decode_bandwidth_fraction"]
         rows.append(
             f"| {arm['name']} | {arm['requests_per_s']:.2f} | {arm['tokens_per_s']:.1f} | {arm['slots']} | "
-            f"{arm['kv_bytes_per_seq']:,} | {arm['peak_kv_bytes']:,} | {arm['speedup']:.2f}x |"
+            f"{arm['kv_bytes_per_seq']:,} | {arm['peak_kv_bytes']:,} | {arm['speedup']:.2f}x | "
+            f"{'n/a' if share is None else f'{share:.0%}'} |"
         )
     return "\n".join(rows)

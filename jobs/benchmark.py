@@ -1,9 +1,10 @@
 """Throughput at one KV memory budget: generate() in static batches vs the engine (full, elastic 0.5, 0.2).
 
-    python jobs/benchmark.py                                   # CPU default: random LLaVA-1.5-like model
-    python jobs/benchmark.py --model /models/llava-1.5-7b-hf --device cuda --dtype bfloat16 \
-        --requests 256 --max-tokens 128 --full-sequences 16
+    python jobs/benchmark.py --quick                  # CPU: a ~110 M-parameter LLaVA-1.5 shape
+    python jobs/benchmark.py --requests 512 --max-tokens 128 --full-sequences 32   # GPU: the 7B shape, bf16
 
+The model has random weights (throughput needs no trained ones) unless `--model` names a
+local checkpoint or "demo".
 The KV budget is given as the number of full-cache sequences it holds (`--full-sequences`) or in
 bytes (`--kv-budget-bytes`). Writes OUT/benchmark.json and prints a Markdown table.
 """
@@ -14,14 +15,14 @@ from pathlib import Path
 
 import torch
 
-from elastic_ray.benchmark import format_table, full_sequence_bytes, llava_15_like, run_benchmark
+from elastic_ray.benchmark import format_table, full_sequence_bytes, random_llava_15, run_benchmark
 from elastic_ray.models.loading import load
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="llava-1.5-like",
-                        help="'llava-1.5-like' (random weights, 576 image tokens), 'demo', or a local model path")
+    parser.add_argument("--quick", action="store_true", help="the scaled-down shape, for CPUs")
+    parser.add_argument("--model", default=None, help="a local model path or 'demo' instead of random weights")
     parser.add_argument("--requests", type=int, default=48)
     parser.add_argument("--max-tokens", type=int, default=32, help="tokens generated per request (EOS ignored)")
     budget = parser.add_mutually_exclusive_group()
@@ -36,16 +37,16 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
-    if args.model == "llava-1.5-like":
-        model, processor = llava_15_like(dtype)
-        model = model.to(args.device)
+    if args.model is None:
+        shape = "quick" if args.quick else "llava-1.5-7b"
+        model, processor = random_llava_15(shape, dtype, args.device)
     else:
         model, processor = load(args.model, dtype=dtype, device=args.device)
     kv_budget = args.kv_budget_bytes or args.full_sequences * full_sequence_bytes(model, processor, args.max_tokens)
 
     result = run_benchmark(model, processor, num_requests=args.requests, max_tokens=args.max_tokens,
                            kv_budget_bytes=kv_budget)
-    result["model"] = args.model
+    result["model"] = args.model or f"random LLaVA-1.5 ({'quick' if args.quick else '7B'} shape)"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "benchmark.json").write_text(json.dumps(result, indent=2))

@@ -25,9 +25,12 @@ def test_every_arm_runs_the_same_work_within_the_same_budget(tiny_llava):
     assert fifth["kv_bytes_per_seq"] < half["kv_bytes_per_seq"] < full["kv_bytes_per_seq"]
     assert json.loads(json.dumps(result)) == result
     assert format_table(result).count("\n") == 1 + len(arms)
+    assert generate["decode_bandwidth_fraction"] is None
+    for arm in (full, half, fifth):
+        assert arm["full_decode_steps"] > 0 and 0 < arm["decode_bandwidth_fraction"]
 
 
 def test_the_job_has_the_documented_flags():
     out = subprocess.run([sys.executable, "jobs/benchmark.py", "--help"], capture_output=True, text=True, check=True)
-    for flag in ("--model", "--requests", "--max-tokens", "--full-sequences", "--kv-budget-bytes", "--device", "--out"):
+    for flag in ("--model", "--requests", "--max-tokens", "--full-sequences", "--kv-budget-bytes", "--device", "--out", "--quick"):
         assert flag in out.stdout

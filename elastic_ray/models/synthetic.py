@@ -62,11 +62,16 @@ def random_llava(
     vocab_size: int = 128,
     vision_hidden: int = 32,
     vision_layers: int = 2,
+    vision_heads: int = 4,
+    vision_intermediate: int | None = None,
     attn_implementation: str = "sdpa",
     dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
     seed: int = 0,
 ):
-    """A LLaVA-1.5-shaped model with random weights, and its processor. (image/patch)^2 image tokens."""
+    """A LLaVA-1.5-shaped model with random weights, and its processor. (image/patch)^2 image tokens.
+
+    Built directly on `device` in `dtype`, so a 7B shape never exists in float32 on the host."""
     tokenizer = word_tokenizer(["<image>"], vocab_size)
     text = LlamaConfig(
         vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate or 2 * hidden,
@@ -75,8 +80,8 @@ def random_llava(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
     )
     vision = CLIPVisionConfig(
-        hidden_size=vision_hidden, intermediate_size=2 * vision_hidden, num_hidden_layers=vision_layers,
-        num_attention_heads=4, image_size=image_size, patch_size=patch_size, projection_dim=vision_hidden,
+        hidden_size=vision_hidden, intermediate_size=vision_intermediate or 2 * vision_hidden,
+        num_hidden_layers=vision_layers, num_attention_heads=vision_heads, image_size=image_size, patch_size=patch_size, projection_dim=vision_hidden,
     )
     config = LlavaConfig(
         vision_config=vision, text_config=text, image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
@@ -84,7 +89,13 @@ def random_llava(
     )
     config._attn_implementation = attn_implementation
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config).to(dtype).eval()
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlavaForConditionalGeneration(config).eval()
+    finally:
+        torch.set_default_dtype(default_dtype)
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     image_processor = CLIPImageProcessorPil(
