@@ -1,0 +1,143 @@
+"""The serving engine loop without Ray: concurrent submissions share decode steps and get what
+LLM.generate gives; the engine pool is bounded; a refusal or a failing step reaches the requests."""
+
+import queue
+import threading
+
+import pytest
+
+from conftest import INSTRUCTIONS
+from elastic_ray import LLM, CacheConfig, EngineConfig, SamplingParams
+from elastic_ray.engine.engine import Engine
+from elastic_ray.serving import APIError, EngineLoop, Prepared, Submission
+
+ENGINE = EngineConfig(kv_cache_memory=2**24, max_num_seqs=4, max_tokens=8)
+ELASTIC, FULL = CacheConfig("elastic", 0.5), CacheConfig("full", 1.0)
+
+
+def make_loop(model, max_engines=2, first=ELASTIC, made=None):
+    def make(cache):
+        engine = Engine(*model, cache.policy, ENGINE)
+        if made is not None:
+            made.append((cache, engine))
+        return engine
+
+    return EngineLoop(make, max_engines, first)
+
+
+def submit_all(loop, prepared: list[Prepared]) -> list[queue.Queue]:
+    """Submit each from its own thread, as request coroutines would."""
+    queues = [queue.Queue() for _ in prepared]
+    threads = [threading.Thread(target=loop.submit, args=(Submission(p, q.put),)) for p, q in zip(prepared, queues)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return queues
+
+
+def last_event(q: queue.Queue):
+    while True:
+        event = q.get(timeout=60)
+        if isinstance(event, APIError) or event.finished:
+            return event
+
+
+def requests(images, n):
+    return [{"image": images[i % len(images)], "prompt": INSTRUCTIONS[i % len(INSTRUCTIONS)]} for i in range(n)]
+
+
+def test_concurrent_requests_share_steps_and_match_generate(tiny_llava, images):
+    sampling = SamplingParams(max_tokens=8, ignore_eos=True)
+    made = []
+    loop = make_loop(tiny_llava, made=made)
+    try:
+        outputs = [last_event(q) for q in submit_all(loop, [Prepared(r, sampling, ELASTIC) for r in requests(images, 6)])]
+    finally:
+        loop.close()
+    expected = LLM(tiny_llava, cache=ELASTIC, engine=ENGINE).generate(requests(images, 6), sampling)
+    assert [o.token_ids for o in outputs] == [e.token_ids for e in expected]
+    assert [o.text for o in outputs] == [e.text for e in expected]
+    (_, engine), = made
+    assert engine.steps["decode"] < 6 * 7 / 2  # one at a time would take 42 decode steps
+
+
+def test_the_pool_is_bounded_and_a_request_waits_for_an_idle_engine(tiny_llava, images):
+    sampling = SamplingParams(max_tokens=8, ignore_eos=True)
+    made = []
+    loop = make_loop(tiny_llava, max_engines=1, made=made)
+    try:
+        mixed = [Prepared(r, sampling, FULL if i % 2 else ELASTIC) for i, r in enumerate(requests(images, 4))]
+        outputs = [last_event(q) for q in submit_all(loop, mixed)]
+        assert [o.stats["method"] for o in outputs] == ["elastic", "full", "elastic", "full"]
+        assert all(o.finish_reason == "length" for o in outputs)
+        assert len(loop.engines) == 1 and len(loop.describe()) == 1
+    finally:
+        loop.close()
+    assert len(made) >= 2  # engines were dropped and made again as the policies alternated
+    for cache in (ELASTIC, FULL):
+        chosen = [i for i in range(4) if mixed[i].cache == cache]
+        expected = LLM(tiny_llava, cache=cache, engine=ENGINE).generate([mixed[i].request for i in chosen], sampling)
+        assert [outputs[i].token_ids for i in chosen] == [e.token_ids for e in expected]
+
+
+def test_a_refused_request_gets_a_400_and_the_others_run(tiny_llava, images):
+    loop = make_loop(tiny_llava)
+    try:
+        long = {"image": images[0], "prompt": "describe the image . " * 120}
+        prepared = [Prepared(long, SamplingParams(max_tokens=4), ELASTIC),
+                    Prepared(requests(images, 1)[0], SamplingParams(max_tokens=4, ignore_eos=True), ELASTIC)]
+        refused, ran = (last_event(q) for q in submit_all(loop, prepared))
+        assert isinstance(refused, APIError) and refused.status == 400 and "over the engine's limit" in refused.message
+        assert ran.finish_reason == "length" and len(ran.token_ids) == 4
+        assert loop.error is None
+    finally:
+        loop.close()
+
+
+def test_a_failing_step_fails_every_pending_request_and_stops_the_loop(tiny_llava, images):
+    def device_lost():
+        raise RuntimeError("device lost")
+
+    def broken(cache):
+        engine = Engine(*tiny_llava, cache.policy, ENGINE)
+        engine.step = device_lost
+        return engine
+
+    loop = EngineLoop(broken, 1, ELASTIC)
+    prepared = [Prepared(r, SamplingParams(max_tokens=4), ELASTIC) for r in requests(images, 3)]
+    events = [last_event(q) for q in submit_all(loop, prepared)]
+    # those pending when the step failed get a 500; any submitted after it, a 503
+    assert all(isinstance(e, APIError) for e in events) and any(e.status == 500 for e in events)
+    assert all("device lost" in e.message if e.status == 500 else e.status == 503 for e in events)
+    with pytest.raises(RuntimeError, match="device lost"):
+        raise loop.error
+    late = queue.Queue()
+    loop.submit(Submission(prepared[0], late.put))
+    assert late.get(timeout=5).status == 503
+
+
+def test_work_for_a_new_policy_drains_a_busy_engine_instead_of_starving(tiny_llava, images):
+    sampling = SamplingParams(max_tokens=8, ignore_eos=True)
+    loop = make_loop(tiny_llava, max_engines=1)
+    finished, done = [], threading.Event()
+    full, e2 = (Prepared(r, sampling, cache) for r, cache in zip(requests(images, 3)[1:], (FULL, ELASTIC)))
+
+    def deliver(name):
+        def put(event):
+            if name == "e1" and len(event.token_ids) == 1:
+                # e1 is running: the full-cache request comes next, so the elastic one after it waits
+                loop.submit(Submission(full, deliver("full")))
+                loop.submit(Submission(e2, deliver("e2")))
+            if event.finished:
+                finished.append(name)
+                if len(finished) == 3:
+                    done.set()
+        return put
+
+    try:
+        loop.submit(Submission(Prepared(requests(images, 1)[0], sampling, ELASTIC), deliver("e1")))
+        assert done.wait(60)
+    finally:
+        loop.close()
+    assert finished == ["e1", "full", "e2"]
