@@ -1,0 +1,363 @@
+"""The Serve endpoint over real HTTP on 127.0.0.1, with Ray token auth on.
+
+One Ray and Serve for the module, started by jobs/serve.py as a user would, with two
+applications of the demo model: `/` (8 slots, a local image server on the allow-list) and
+`/tight` (one slot, one queued request; a second jobs/serve.py attached to the same Ray) for
+backpressure. Answers are checked against `LLM.generate` of the same requests.
+"""
+
+import asyncio
+import base64
+import http.server
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from PIL import Image
+
+from elastic_ray import LLM, CacheConfig, EngineConfig, SamplingParams
+from elastic_ray.data.images import decode_image
+from elastic_ray.data.shapes import CAPTION_INSTRUCTION, make_scenes, png_bytes
+from elastic_ray.models.loading import load
+from elastic_ray.serving import settled_text
+from test_images import png_header_only
+
+REPO = Path(__file__).parents[1]
+MAX_TOKENS = 24
+KV_MEMORY = 64 * 2**20
+LONG_TEXT = "describe the image . " * 120  # ~480 tokens: over the demo model's prompt limit
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def data_url(data: bytes) -> str:
+    return f"data:image/png;base64,{base64.b64encode(data).decode()}"
+
+
+def chat(url: str | None, text: str = CAPTION_INSTRUCTION, **fields) -> dict:
+    content = ([{"type": "image_url", "image_url": {"url": url}}] if url else []) + [{"type": "text", "text": text}]
+    return {"model": "demo", "messages": [{"role": "user", "content": content}], "temperature": 0.0, **fields}
+
+
+@pytest.fixture(scope="module")
+def scenes():
+    return make_scenes(32, seed=3, split="test")
+
+
+@pytest.fixture(scope="module")
+def image_server(scenes):
+    """Serves /allowed/scene.png, /allowed/redirect (to /other/scene.png) and /other/scene.png."""
+    png = png_bytes(scenes[0].image)
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.path == "/allowed/redirect":
+                self.send_response(302)
+                self.send_header("Location", "/other/scene.png")
+                self.end_headers()
+                return
+            self.send_response(200 if self.path.endswith("/scene.png") else 404)
+            self.send_header("Content-Length", str(len(png)))
+            self.end_headers()
+            self.wfile.write(png)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def start_serve_job(args: list[str], env: dict, log: Path) -> tuple[subprocess.Popen, str]:
+    """jobs/serve.py in its own session; returns it and its "serving ..." line once it serves."""
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "jobs/serve.py", *args], cwd=REPO, env=env, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        line = next((l for l in log.read_text().splitlines() if l.startswith("serving ")), None)
+        if line:
+            return proc, line
+        time.sleep(0.5)
+    stop(proc)
+    raise AssertionError(f"jobs/serve.py {' '.join(args)} did not come up:\n{log.read_text()[-5000:]}")
+
+
+def stop(proc: subprocess.Popen) -> int:
+    """SIGTERM, as a process manager would; kills the session if it does not stop in time."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout=60)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.fixture(scope="module")
+def server(image_server, tmp_path_factory):
+    """jobs/serve.py on a new local Ray (token auth on) serving `/`, and a second jobs/serve.py that
+    attaches to that Ray and serves `/tight`; yields the base URL."""
+    logs = tmp_path_factory.mktemp("serve-logs")
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
+           "RAY_USAGE_STATS_ENABLED": "0", "RAY_TMPDIR": tempfile.mkdtemp(prefix="rs-", dir="/tmp")}
+    port = free_port()
+    common = ["--port", str(port), "--max-tokens", str(MAX_TOKENS), "--kv-cache-memory", str(KV_MEMORY),
+              "--max-pixels", "1000000"]
+    main, line = start_serve_job([*common, "--max-num-seqs", "8", "--max-queued-requests", "32",
+                                  "--allow-images-from", f"{image_server}/allowed/"], env, logs / "main.log")
+    url = f"http://127.0.0.1:{port}"
+    assert line.startswith(f"serving demo at {url}/v1 on the Ray at "), line
+    tight = None
+    try:
+        tight, _ = start_serve_job([*common, "--address", line.split("on the Ray at ")[1].split()[0], "--name", "tight",
+                                    "--route-prefix", "/tight", "--max-num-seqs", "1", "--max-ongoing-requests", "1",
+                                    "--max-queued-requests", "1"], env, logs / "tight.log")
+        yield url
+    finally:
+        codes = [stop(proc) for proc in (tight, main) if proc is not None]
+    assert codes == [0] * len(codes), [(logs / name).read_text()[-3000:] for name in ("tight.log", "main.log")]
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return load("demo")
+
+
+def reference(demo, cache: CacheConfig, requests: list[dict], max_tokens: int, stop=()) -> list:
+    engine = EngineConfig(kv_cache_memory=KV_MEMORY, max_num_seqs=8, max_tokens=MAX_TOKENS)
+    return LLM(demo, cache=cache, engine=engine).generate(requests, SamplingParams(max_tokens=max_tokens, stop=stop))
+
+
+def healthy(url: str) -> bool:
+    response = httpx.get(f"{url}/healthz")
+    return response.status_code == 200 and response.json()["status"] == "ok"
+
+
+async def post_all(url: str, bodies: list[dict]) -> list[httpx.Response]:
+    async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+        return await asyncio.gather(*(client.post("/v1/chat/completions", json=b) for b in bodies))
+
+
+def stream(url: str, body: dict) -> list[str]:
+    """The `data:` payloads of a streamed answer."""
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json={**body, "stream": True}, timeout=60) as response:
+        assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+        return [line[len("data: "):] for line in response.iter_lines() if line.startswith("data: ")]
+
+
+# --- Answers ---------------------------------------------------------------------------------
+
+
+def test_32_concurrent_requests_get_what_llm_generate_gives(server, scenes, demo):
+    texts = [CAPTION_INSTRUCTION if i % 2 == 0 else s.qa[i % len(s.qa)][0] for i, s in enumerate(scenes)]
+    pngs = [png_bytes(s.image) for s in scenes]
+    full = set(range(3, 32, 4))  # every fourth request asks for the full cache; the rest use the default
+    bodies = [chat(data_url(png), text, max_tokens=MAX_TOKENS - 8 * (i % 2),
+                   **({"method": "full"} if i in full else {})) for i, (png, text) in enumerate(zip(pngs, texts))]
+    responses = asyncio.run(post_all(server, bodies))
+
+    requests = [{"image": decode_image(png), "prompt": text} for png, text in zip(pngs, texts)]
+    expected = {}
+    for cache, indices in ((CacheConfig("elastic", 0.5), [i for i in range(32) if i not in full]),
+                           (CacheConfig("full", 1.0), sorted(full))):
+        for max_tokens in {MAX_TOKENS - 8 * (i % 2) for i in indices}:
+            chosen = [i for i in indices if MAX_TOKENS - 8 * (i % 2) == max_tokens]
+            outputs = reference(demo, cache, [requests[i] for i in chosen], max_tokens)
+            expected.update(zip(chosen, outputs))
+    for i, response in enumerate(responses):
+        assert response.status_code == 200, response.text
+        answer, want = response.json(), expected[i]
+        assert answer["object"] == "chat.completion" and answer["model"] == "demo"
+        assert answer["choices"][0]["message"] == {"role": "assistant", "content": want.text}, i
+        assert answer["choices"][0]["finish_reason"] == want.finish_reason
+        assert answer["usage"] == {"prompt_tokens": want.stats["prompt_tokens"],
+                                   "completion_tokens": want.stats["output_tokens"],
+                                   "total_tokens": want.stats["prompt_tokens"] + want.stats["output_tokens"]}
+        assert answer["kv_cache"] == {k: want.stats[k] for k in ("method", "budget", "kv_bytes", "kv_bytes_full")}
+    assert {r.json()["kv_cache"]["method"] for r in responses} == {"elastic", "full"}
+    assert len({r.json()["choices"][0]["message"]["content"] for r in responses}) > 8
+    engines = httpx.get(f"{server}/healthz").json()["engines"]
+    assert sorted((e["method"], e["budget"]) for e in engines) == [("elastic", 0.5), ("full", 1.0)]
+
+
+def test_streamed_chunks_add_up_to_the_answer(server, scenes):
+    body = chat(data_url(png_bytes(scenes[1].image)), max_tokens=MAX_TOKENS)
+    text = httpx.post(f"{server}/v1/chat/completions", json=body, timeout=60).json()["choices"][0]["message"]["content"]
+    words = text.split()
+    assert len(words) >= 3, text
+    stop = words[2]
+    cut = httpx.post(f"{server}/v1/chat/completions", json={**body, "stop": [stop]}, timeout=60).json()
+    assert cut["choices"][0]["message"]["content"] == text[: text.index(stop)].strip()
+    assert cut["choices"][0]["finish_reason"] == "stop"
+    for fields, expected in (({}, text), ({"stop": [stop]}, cut["choices"][0]["message"]["content"])):
+        payloads = stream(server, {**body, **fields})
+        assert payloads[-1] == "[DONE]"
+        chunks = [json.loads(p) for p in payloads[:-1]]
+        assert all(c["object"] == "chat.completion.chunk" and c["id"] == chunks[0]["id"] for c in chunks)
+        assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+        assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == expected
+        assert len(chunks) > (3 if expected == text else 2)  # the text came in pieces
+        assert [c["choices"][0]["finish_reason"] for c in chunks[:-1]] == [None] * (len(chunks) - 1)
+        assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+        assert chunks[-1]["usage"]["completion_tokens"] > 0
+
+
+def test_settled_text_holds_back_what_a_later_token_may_change():
+    assert settled_text("a red ci", ()) == "a red ci"
+    assert settled_text("a red ci", ("circle",)) == "a r"
+    assert settled_text("a b \ufffd", ()) == "a b"
+    assert settled_text("ab", ("long stop",)) == ""
+
+
+def test_the_openai_client_works_unchanged(server, scenes):
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
+    assert [m.id for m in client.models.list()] == ["demo"]
+    messages = [{"role": "user", "content": [
+        {"type": "text", "text": CAPTION_INSTRUCTION},
+        {"type": "image_url", "image_url": {"url": data_url(png_bytes(scenes[2].image))}}]}]
+    answer = client.chat.completions.create(model="demo", messages=messages, max_tokens=16, temperature=0,
+                                            extra_body={"method": "full", "budget": 1.0})
+    text = answer.choices[0].message.content
+    assert text and answer.choices[0].finish_reason in ("stop", "length")
+    assert answer.usage.completion_tokens > 0 and answer.usage.total_tokens > answer.usage.prompt_tokens > 196
+    chunks = list(client.chat.completions.create(model="demo", messages=messages, max_tokens=16, temperature=0,
+                                                 extra_body={"method": "full", "budget": 1.0}, stream=True,
+                                                 stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == answer.usage.completion_tokens
+    with pytest.raises(openai.BadRequestError) as error:
+        client.chat.completions.create(model="demo", messages=messages, max_tokens=-1)
+    assert error.value.body["param"] == "max_tokens"
+
+
+# --- Bad input -------------------------------------------------------------------------------
+
+
+def png(size=(32, 32)) -> bytes:
+    return png_bytes(Image.new("RGB", size, (200, 30, 30)))
+
+
+BAD = {
+    "malformed json": (b'{"model": "demo", "messages": [', 400, "Invalid JSON"),
+    "not an object": ([1, 2], 400, "object"),
+    "no messages": ({"model": "demo"}, 400, "messages"),
+    "empty messages": ({"model": "demo", "messages": []}, 400, "messages"),
+    "no model": ({"messages": chat(data_url(png()))["messages"]}, 400, "model"),
+    "no image": (chat(None), 400, "missing image"),
+    "two images": (chat(data_url(png()), messages=[{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": data_url(png())}},
+        {"type": "image_url", "image_url": {"url": data_url(png())}}, {"type": "text", "text": "hi"}]}]),
+        400, "one image per request"),
+    "no text": (chat(data_url(png()), "  "), 400, "no text"),
+    "undecodable image": (chat(data_url(b"not an image at all")), 400, "undecodable"),
+    "truncated image": (chat(data_url(png_bytes(Image.effect_noise((64, 64), 50).convert("RGB"))[:300])), 400,
+                        "undecodable"),
+    "bad base64": (chat("data:image/png;base64,!!!!"), 400, "not valid base64"),
+    "not an image url": (chat("file:///etc/passwd"), 400, "data: URL or an http"),
+    "over the pixel limit": (chat(data_url(png_header_only(5000, 5000))), 400,
+                             "5000x5000 = 25000000 pixels, over the limit of 1000000"),
+    "thin image": (chat(data_url(png((1, 200)))), 400, "aspect ratio"),
+    "negative max_tokens": (chat(data_url(png()), max_tokens=-5), 400, "greater than or equal to 1"),
+    "zero max_tokens": (chat(data_url(png()), max_completion_tokens=0), 400, "greater than or equal to 1"),
+    "absurd max_tokens": (chat(data_url(png()), max_tokens=10**12), 400, "over this server's limit"),
+    "string max_tokens": (chat(data_url(png()), max_tokens="12"), 400, "valid integer"),
+    "prompt over the context": (chat(data_url(png()), LONG_TEXT), 400, "over the engine's limit"),
+    "unknown method": (chat(data_url(png()), method="magic"), 400, "unknown cache method"),
+    "budget out of range": (chat(data_url(png()), budget=1.5), 400, "budget must be in"),
+    "full below budget 1": (chat(data_url(png()), method="full", budget=0.5), 400, "budget must be 1.0"),
+    "unknown model": (chat(data_url(png()), model="gpt-4o"), 404, "does not exist"),
+    "assistant turn": (chat(data_url(png()), messages=[{"role": "assistant", "content": "hi"}]), 400, "role"),
+    "n above 1": (chat(data_url(png()), n=2), 400, "n: Input should be 1"),
+    "temperature": (chat(data_url(png()), temperature=7), 400, "temperature"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_gets_a_4xx_and_the_server_keeps_answering(server, case):
+    body, status, message = BAD[case]
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    response = httpx.post(f"{server}/v1/chat/completions", content=content,
+                          headers={"content-type": "application/json"}, timeout=60)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and message in error["message"], error
+    assert healthy(server)
+
+
+def test_unknown_routes_answer_in_the_openai_error_format(server):
+    response = httpx.get(f"{server}/v1/nothing")
+    assert response.status_code == 404 and response.json()["error"]["code"] == "not_found"
+
+
+def test_http_images_only_from_the_allow_list(server, image_server):
+    allowed = httpx.post(f"{server}/v1/chat/completions", json=chat(f"{image_server}/allowed/scene.png"), timeout=60)
+    assert allowed.status_code == 200, allowed.text
+    for path, message in (("/other/scene.png", "outside the allowed locations"),
+                          ("/allowed/../other/scene.png", "outside the allowed locations"),
+                          ("/allowed/redirect", "empty image"),  # the 302 itself: redirects are not followed
+                          ("/allowed/missing.png", "missing image")):
+        response = httpx.post(f"{server}/v1/chat/completions", json=chat(f"{image_server}{path}"), timeout=60)
+        assert response.status_code == 400 and message in response.json()["error"]["message"], (path, response.text)
+    refused = httpx.post(f"{server}/tight/v1/chat/completions", json=chat(f"{image_server}/allowed/scene.png"))
+    assert refused.status_code == 400 and "no allow-list" in refused.json()["error"]["message"]
+
+
+def test_a_full_queue_gets_429_with_retry_after(server, scenes):
+    tight = f"{server}/tight"
+    bodies = [chat(data_url(png_bytes(s.image)), max_tokens=MAX_TOKENS, ignore_eos=True) for s in scenes[:8]]
+    responses = asyncio.run(post_all(tight, bodies))
+    codes = sorted(r.status_code for r in responses)
+    assert set(codes) == {200, 429}, codes
+    for response in responses:
+        if response.status_code == 429:
+            assert response.headers["retry-after"] == "1"
+        else:
+            assert response.json()["usage"]["completion_tokens"] == MAX_TOKENS
+    assert httpx.post(f"{tight}/v1/chat/completions", json=bodies[0], timeout=60).status_code == 200
+
+
+# --- The jobs --------------------------------------------------------------------------------
+
+
+def test_load_script_writes_a_run_directory(server, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "jobs/load_test.py", "--url", server, "--requests", "4", "--concurrency", "2",
+         "--max-tokens", "4", "--warmup", "1", "--output", str(tmp_path / "run")],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "run" / "load.json").read_text())
+    assert report["kind"] == "serve_load" and report["device"].startswith("cpu")
+    assert [(r["method"], r["budget"], r["ok"]) for r in report["results"]] == [("full", 1.0, 4), ("elastic", 0.5, 4)]
+    for r in report["results"]:
+        assert r["requests_per_s"] > 0 and 0 < r["latency_ms"]["p50"] <= r["latency_ms"]["p99"]
+    full, elastic = report["results"]
+    assert elastic["kv_bytes_mean"] < full["kv_bytes_mean"] == full["kv_bytes_full_mean"]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "requests.jsonl").read_text().splitlines()]
+    assert len(rows) == 8 and {r["completion_tokens"] for r in rows} == {4}
+    assert "full 1.0: 4/4 ok" in result.stdout
+
+
+def test_serve_job_refuses_bad_arguments_before_ray_starts():
+    result = subprocess.run([sys.executable, "jobs/serve.py", "--budget", "2"], cwd=REPO, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2 and "budget must be in (0, 1]" in result.stderr
