@@ -1,0 +1,74 @@
+"""Caption images with a VLM on Ray Data: Parquet shards or an image folder in, Parquet captions out.
+
+    python jobs/caption.py                    # demo shards and demo model, local Ray, CPU
+    python jobs/caption.py --input s3://bucket/shards --output s3://bucket/captions \\
+        --model llava-hf/llava-1.5-7b-hf --num-actors 8 --gpus-per-actor 1 --resume
+    ray job submit --working-dir . -- python jobs/caption.py --input /abs/shards --output /abs/out
+"""
+
+import argparse
+import os
+
+from elastic_ray.data.shapes import write_shards
+from elastic_ray.pipeline import CaptionJob, JobConfigError, run, summary
+
+DEMO_INPUT = "out/demo-shards"
+DEMO_ROWS, DEMO_ROWS_PER_SHARD = 256, 64
+
+
+def parser() -> argparse.ArgumentParser:
+    d = CaptionJob(input="", output="")
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--input", help=f"Parquet shards or images: a file, folder or s3:// prefix "
+                                   f"(default: the demo shards, written to {DEMO_INPUT} if missing)")
+    p.add_argument("--output", default="out/captions", help="output folder or s3:// prefix")
+    p.add_argument("--model", default=d.model, help="'demo', a local path or a hub id")
+    p.add_argument("--method", default=d.method, help="full, elastic, h2o or streaming")
+    p.add_argument("--budget", type=float, default=d.budget, help="fraction of KV entries kept, in (0, 1]")
+    p.add_argument("--max-tokens", type=int, default=d.max_tokens)
+    p.add_argument("--instruction", default=d.instruction, help="for rows without one")
+    p.add_argument("--num-actors", type=int, default=d.num_actors)
+    p.add_argument("--gpus-per-actor", type=float, default=d.gpus_per_actor)
+    p.add_argument("--cpus-per-actor", type=float, default=d.cpus_per_actor)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--resume", action="store_true", help="finish a run into a non-empty output")
+    p.add_argument("--id-column", default=d.id_column)
+    p.add_argument("--image-column", default=d.image_column, help="encoded image bytes")
+    p.add_argument("--image-path-column", help="image paths or URIs, relative to the input, instead of bytes")
+    p.add_argument("--instruction-column", help="default: 'instruction' when the input has it")
+    p.add_argument("--endpoint-url", help="S3-compatible endpoint for s3:// paths")
+    p.add_argument("--allow-images-from", action="append", default=[], metavar="PREFIX",
+                   help="a folder or URL prefix image paths may also be read from (repeatable)")
+    p.add_argument("--max-pixels", type=int, default=d.max_pixels)
+    p.add_argument("--rows-per-file", type=int, default=d.rows_per_file, help="output rows per file (minimum)")
+    p.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a new local Ray)")
+    p.add_argument("--no-progress", action="store_true", help="hide Ray Data's progress bars")
+    return p
+
+
+def main(argv=None) -> None:
+    p = parser()
+    args = p.parse_args(argv)
+    if args.input is None:
+        args.input = DEMO_INPUT
+        if not os.path.isdir(DEMO_INPUT):
+            write_shards(DEMO_INPUT, DEMO_ROWS, rows_per_shard=DEMO_ROWS_PER_SHARD)
+    job = CaptionJob(
+        input=args.input, output=args.output, model=args.model, method=args.method, budget=args.budget,
+        max_tokens=args.max_tokens, instruction=args.instruction, num_actors=args.num_actors,
+        gpus_per_actor=args.gpus_per_actor, cpus_per_actor=args.cpus_per_actor, batch_size=args.batch_size,
+        resume=args.resume, id_column=args.id_column, image_column=args.image_column,
+        image_path_column=args.image_path_column, instruction_column=args.instruction_column,
+        endpoint_url=args.endpoint_url, allow_images_from=tuple(args.allow_images_from),
+        max_pixels=args.max_pixels, rows_per_file=args.rows_per_file, address=args.address,
+        progress=not args.no_progress,
+    )
+    try:
+        metrics = run(job)
+    except JobConfigError as e:
+        p.error(str(e))
+    print(summary(metrics, job), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,333 @@
+"""The captioning pipeline: argument checks, the prepare and caption steps on their own, then whole
+runs on a real two-node Ray cluster (bad rows, a killed actor, s3:// through a local moto server)."""
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import s3fs
+
+from captioning import (
+    MAX_PIXELS, bad_rows, check_errors, errors_by_id, good_rows, png, ray_env, read_output, save_tiny_model,
+    write_rows,
+)
+
+os.environ.update(ray_env())  # before the import below brings in Ray, which reads it once
+
+from elastic_ray.data.shapes import CAPTION_INSTRUCTION, write_shards  # noqa: E402
+from elastic_ray.pipeline import (  # noqa: E402
+    Captions, CaptionJob, JobConfigError, check, finished_ids, prepare, run,
+)
+
+NO_IDS = pa.array([], pa.string())
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-llava"))
+
+
+@pytest.fixture
+def shards(tmp_path):
+    write_shards(tmp_path / "in", 6, rows_per_shard=3)
+    return str(tmp_path / "in")
+
+
+# --- Arguments ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"input": "/does/not/exist"}, "input not found: /does/not/exist"),
+    ({"id_column": "key"}, "--id-column: no column 'key'"),
+    ({"image_column": "picture"}, "--image-column: no column 'picture'"),
+    ({"image_path_column": "file"}, "--image-path-column: no column 'file'"),
+    ({"instruction_column": "question"}, "--instruction-column: no column 'question'"),
+    ({"budget": 1.5}, "budget must be in \\(0, 1\\]"),
+    ({"budget": 0.5, "method": "full"}, "full"),
+    ({"method": "sparse"}, "unknown cache method 'sparse'"),
+    ({"model": "/no/such/model"}, "model path not found"),
+    ({"max_tokens": 0}, "--max-tokens must be a positive integer"),
+    ({"max_tokens": 4096}, "leaves no room for a prompt"),
+    ({"num_actors": 0}, "--num-actors must be a positive integer"),
+    ({"batch_size": 2.5}, "--batch-size must be a positive integer"),
+    ({"gpus_per_actor": -1}, "--gpus-per-actor must be a non-negative number"),
+    ({"instruction": " "}, "instruction must be a non-empty string"),
+])
+def test_bad_arguments_are_refused(shards, tiny_model, tmp_path, change, message):
+    job = CaptionJob(input=shards, output=str(tmp_path / "out"), model=tiny_model)
+    check(job)
+    with pytest.raises(JobConfigError, match=message):
+        check(replace(job, **change))
+
+
+def test_a_non_empty_output_needs_resume(shards, tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "part.parquet").write_bytes(b"x")
+    job = CaptionJob(input=shards, output=str(tmp_path / "out"))
+    with pytest.raises(JobConfigError, match="not empty; pass --resume"):
+        check(job)
+    check(replace(job, resume=True))
+
+
+def test_cli_refuses_bad_arguments_before_starting_ray(shards, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "jobs/caption.py", "--input", shards, "--output", str(tmp_path / "out"), "--budget", "2"],
+        capture_output=True, text=True, cwd=Path(__file__).parents[1], timeout=120,
+    )
+    assert result.returncode == 2
+    assert "bad cache settings: budget must be in (0, 1]" in result.stderr
+    assert "Ray" not in result.stderr + result.stdout
+    assert not (tmp_path / "out").exists()
+
+
+# --- The two steps, without Ray -------------------------------------------------------------
+
+
+def test_prepare_flags_bad_images_and_instructions(tmp_path):
+    expected = bad_rows()
+    write_rows(tmp_path / "in.parquet", [row for row, _ in expected])
+    job = CaptionJob(input=str(tmp_path / "in.parquet"), output=str(tmp_path / "out"), max_pixels=MAX_PIXELS)
+    found = check(job)
+    assert (found.format, found.rows, found.instruction_column) == ("parquet", len(expected), "instruction")
+    prepared = prepare(pq.read_table(tmp_path / "in.parquet"), job=job, found=found, done=NO_IDS)
+    assert prepared.num_rows == len(expected)
+    errors = errors_by_id(prepared)
+    for row, pattern in expected:
+        if pattern is None or pattern.startswith("refused by the engine"):  # the engine judges prompt length
+            assert errors[row["id"]] is None
+        else:
+            assert errors[row["id"]] and re.search(pattern, errors[row["id"]]), (row["id"], errors[row["id"]])
+    prompts = dict(zip(prepared.column("id").to_pylist(), prepared.column("prompt").to_pylist()))
+    assert prompts["good-default"] == CAPTION_INSTRUCTION
+    assert prompts["good-custom"] == "what color is the shape ?"
+
+
+def test_prepare_flags_values_of_the_wrong_type(tmp_path):
+    schema = pa.schema([("id", pa.float64()), ("image", pa.string()), ("instruction", pa.int64())])
+    write_rows(tmp_path / "in.parquet", [{"id": 1.5, "image": "a.png", "instruction": 3}], schema)
+    schema = pa.schema([("id", pa.int64()), ("image", pa.string()), ("instruction", pa.int64())])
+    write_rows(tmp_path / "in2.parquet", [{"id": 7, "image": "a.png", "instruction": None},
+                                          {"id": 8, "image": None, "instruction": 5}], schema)
+    for name, expected in [("in.parquet", {"1.5": "id must be a string or an integer, got float"}),
+                           ("in2.parquet", {"7": "image must be encoded bytes, got str",
+                                            "8": "instruction must be a string, got int"})]:
+        job = CaptionJob(input=str(tmp_path / name), output=str(tmp_path / "out"))
+        prepared = prepare(pq.read_table(tmp_path / name), job=job, found=check(job), done=NO_IDS)
+        assert errors_by_id(prepared) == expected
+
+
+def test_prepare_reads_image_paths_only_under_the_input(tmp_path):
+    (tmp_path / "in" / "images").mkdir(parents=True)
+    (tmp_path / "in" / "images" / "a.png").write_bytes(png(1))
+    (tmp_path / "outside.png").write_bytes(png(2))
+    schema = pa.schema([("key", pa.string()), ("file", pa.string())])
+    write_rows(tmp_path / "in" / "rows.parquet", [
+        {"key": "relative", "file": "images/a.png"}, {"key": "absolute", "file": str(tmp_path / "in/images/a.png")},
+        {"key": "escape", "file": "../outside.png"}, {"key": "missing", "file": "images/b.png"},
+        {"key": "url", "file": "http://127.0.0.1:9/a.png"},
+    ], schema)
+    job = CaptionJob(input=str(tmp_path / "in"), output=str(tmp_path / "out"), id_column="key",
+                     image_path_column="file")
+    found = check(job)
+    prepared = prepare(pq.read_table(tmp_path / "in" / "rows.parquet"), job=job, found=found, done=NO_IDS)
+    errors = errors_by_id(prepared)
+    assert errors["relative"] is None and errors["absolute"] is None
+    assert "outside the allowed locations" in errors["escape"] and "outside the allowed" in errors["url"]
+    assert "missing image" in errors["missing"]
+    allowed = replace(job, allow_images_from=(str(tmp_path),))
+    assert errors_by_id(prepare(pq.read_table(tmp_path / "in" / "rows.parquet"), job=allowed, found=found,
+                                done=NO_IDS))["escape"] is None
+
+
+def test_prepare_skips_finished_ids(shards, tmp_path):
+    job = CaptionJob(input=shards, output=str(tmp_path / "out"))
+    found = check(job)
+    table = pq.read_table(found.files[0])
+    ids = table.column("id").to_pylist()
+    prepared = prepare(table, job=job, found=found, done=pa.array(ids[:2]))
+    assert prepared.column("id").to_pylist() == ids[2:]
+
+
+def test_finished_ids_drops_files_cut_short(tmp_path):
+    write_rows(tmp_path / "a.parquet", good_rows(3))
+    data = (tmp_path / "a.parquet").read_bytes()
+    (tmp_path / "b.parquet").write_bytes(data[: len(data) // 2])
+    ids = finished_ids(fsspec.filesystem("file"), str(tmp_path))
+    assert sorted(ids.to_pylist()) == ["row-000", "row-001", "row-002"]
+    assert sorted(os.listdir(tmp_path)) == ["a.parquet"]
+
+
+def test_captions_flag_prompts_the_engine_refuses(tiny_model, tmp_path):
+    expected = bad_rows()
+    write_rows(tmp_path / "in.parquet", [row for row, _ in expected])
+    job = CaptionJob(input=str(tmp_path / "in.parquet"), output=str(tmp_path / "out"), model=tiny_model,
+                     max_tokens=4, max_pixels=MAX_PIXELS, batch_size=4)
+    prepared = prepare(pq.read_table(tmp_path / "in.parquet"), job=job, found=check(job), done=NO_IDS)
+    table, numbers = Captions(job)(prepared)
+    assert table.schema.names == ["id", "caption", "error", "model", "method", "budget", "prompt_tokens",
+                                  "output_tokens", "kv_bytes", "latency_ms"]
+    check_errors(table, expected)
+    assert numbers["rows"] == len(expected) and numbers["errors"] == len(expected) - 2
+    assert numbers["output_tokens"] == sum(table.column("output_tokens").to_pylist()[:2])
+
+
+# --- Whole runs on a two-node Ray cluster ----------------------------------------------------
+
+
+# Credentials for the moto server; set before the cluster starts so that its workers inherit them.
+S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from ray._private import ray_constants
+
+    if ray_constants.ENABLE_RAY_CLUSTER:
+        pytest.fail("Ray was imported before this module set its environment (see captioning.ray_env)")
+    patch = pytest.MonkeyPatch()
+    for key, value in S3_ENV.items():
+        patch.setenv(key, value)
+    node = {"num_cpus": 2, "object_store_memory": 96 * 2**20, "include_dashboard": False,
+            "node_ip_address": "127.0.0.1"}
+    cluster = Cluster(initialize_head=True, head_node_args=node)
+    cluster.add_node(**{k: v for k, v in node.items() if k != "include_dashboard"})
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()
+    patch.undo()
+
+
+def test_run_on_two_nodes_flags_bad_rows_and_writes_each_id_once(cluster, tiny_model, tmp_path):
+    expected = bad_rows()
+    write_rows(tmp_path / "in" / "bad.parquet", [row for row, _ in expected])
+    write_rows(tmp_path / "in" / "good.parquet", good_rows(13))
+    job = CaptionJob(input=str(tmp_path / "in"), output=str(tmp_path / "out"), model=tiny_model, max_tokens=4,
+                     num_actors=2, batch_size=3, max_pixels=MAX_PIXELS, rows_per_file=5, progress=False)
+    metrics = run(job)
+    table = read_output(job.output)
+    assert table.num_rows == 24
+    assert sorted(map(str, table.column("id").to_pylist())) == sorted(
+        [str(r["id"]) for r, _ in expected] + [f"row-{i:03d}" for i in range(13)])
+    check_errors(table, expected)
+    assert set(table.column("method").to_pylist()) == {"elastic"} and set(table.column("budget").to_pylist()) == {0.5}
+    on_disk = json.loads(Path(job.metrics_path).read_text())
+    assert on_disk == metrics
+    assert (metrics["rows"], metrics["errors"], metrics["rows_in"], metrics["rows_out"]) == (24, 9, 24, 24)
+    assert metrics["output_tokens"] == sum(v for v in table.column("output_tokens").to_pylist() if v)
+    assert metrics["rows_per_s"] > 0 and 0 < metrics["kv_bytes_per_seq"] < metrics["kv_bytes_full_per_seq"]
+    assert metrics["num_actors"] == 2 and metrics["nodes"] == 2
+    assert all(a["rows"] > 0 and a["starts"] == 1 for a in metrics["actors"])
+    assert sum(a["rows"] for a in metrics["actors"]) == 24
+
+
+def _captioner_pids(cluster) -> list[int]:
+    """Caption actor processes under this cluster's raylets (Ray titles them after the UDF)."""
+    raylets = {node.all_processes["raylet"][0].process.pid for node in cluster.list_all_nodes()}
+    pids = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+            parent = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (FileNotFoundError, ProcessLookupError):  # the process has just exited
+            continue
+        if b"Captioner" in cmdline and parent in raylets:
+            pids.append(int(entry))
+    return pids
+
+
+def test_a_killed_actor_is_replaced_and_every_row_still_arrives(cluster, tiny_model, tmp_path):
+    (tmp_path / "in").mkdir()
+    for i in range(60):
+        (tmp_path / "in" / f"{i:02d}.png").write_bytes(png(i))
+    (tmp_path / "in" / "broken.png").write_bytes(b"\x89PNG broken")
+    out = tmp_path / "out"
+    job = CaptionJob(input=str(tmp_path / "in"), output=str(out), model=tiny_model, max_tokens=64,
+                     num_actors=2, batch_size=2, rows_per_file=2, progress=False)
+    result = {}
+    worker = threading.Thread(target=lambda: result.update(metrics=run(job)))
+    worker.start()
+    deadline = time.time() + 120
+    while not list(out.glob("*.parquet")) and worker.is_alive() and time.time() < deadline:
+        time.sleep(0.05)
+    victims = _captioner_pids(cluster)
+    assert len(victims) == 2 and worker.is_alive(), "the run ended before an actor could be killed"
+    os.kill(victims[0], signal.SIGKILL)  # both actors are working: the pool starts once all are up
+    worker.join(timeout=300)
+    metrics = result["metrics"]
+    table = read_output(job.output)
+    assert sorted(table.column("id").to_pylist()) == sorted([f"{i:02d}.png" for i in range(60)] + ["broken.png"])
+    assert errors_by_id(table)["broken.png"].startswith("undecodable")
+    assert metrics["rows_out"] == 61 and metrics["unique_ids"] == 61
+    assert victims[0] not in [a["pid"] for a in metrics["actors"]]
+    assert sorted(a["starts"] for a in metrics["actors"]) == [1, 2]
+
+
+@pytest.fixture(scope="module")
+def s3_server(tmp_path_factory):
+    """A moto S3 server on 127.0.0.1 in its own process; yields the endpoint URL."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, **S3_ENV}
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.2)
+    yield endpoint
+    server.terminate()
+    server.wait(timeout=10)
+
+
+def test_s3_input_image_paths_and_output_through_a_local_server(cluster, tiny_model, s3_server):
+    s3 = s3fs.S3FileSystem(endpoint_url=s3_server)
+    s3.mkdir("captions")
+    for i in range(5):
+        s3.pipe(f"captions/in/images/{i}.png", png(i))
+    s3.pipe("captions/elsewhere/x.png", png(9))
+    schema = pa.schema([("key", pa.int64()), ("path", pa.string()), ("prompt", pa.string())])
+    rows = [{"key": i, "path": f"images/{i}.png", "prompt": None} for i in range(5)]
+    rows += [{"key": 5, "path": "s3://captions/elsewhere/x.png", "prompt": "what ?"},
+             {"key": 6, "path": "images/missing.png", "prompt": None}]
+    s3.pipe("captions/in/rows.parquet", _parquet_bytes(rows, schema))
+    job = CaptionJob(input="s3://captions/in", output="s3://captions/out", model=tiny_model, max_tokens=4,
+                     id_column="key", image_path_column="path", instruction_column="prompt",
+                     endpoint_url=s3_server, num_actors=1, batch_size=4, progress=False)
+    metrics = run(job)
+    table = read_output("s3://captions/out", endpoint_url=s3_server)
+    errors = errors_by_id(table)
+    assert sorted(errors) == [str(i) for i in range(7)]
+    assert [errors[str(i)] for i in range(5)] == [None] * 5
+    assert "outside the allowed locations" in errors["5"] and "missing image" in errors["6"]
+    assert json.loads(s3.cat("captions/out.metrics.json"))["rows"] == 7 == metrics["rows"]
+    s3.rm("captions/out", recursive=True)
+    run(replace(job, allow_images_from=("s3://captions/elsewhere",)))
+    assert errors_by_id(read_output("s3://captions/out", endpoint_url=s3_server))["5"] is None
+
+
+def _parquet_bytes(rows: list[dict], schema: pa.Schema) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), sink)
+    return sink.getvalue().to_pybytes()
