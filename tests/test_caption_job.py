@@ -1,0 +1,116 @@
+"""jobs/caption.py against a `ray start --head` cluster (token auth on): through `ray job submit`,
+and killed part-way then resumed into the same output."""
+
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from captioning import ray_env, read_output, readable_ids, save_tiny_model
+from elastic_ray.data.shapes import write_shards
+
+REPO = Path(__file__).parents[1]
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+def free_ports(n: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+@pytest.fixture(scope="module")
+def head():
+    """A head node from `ray start --head --block` in its own session, with a fresh auth token."""
+    gcs, dashboard, client, agent_http, agent_grpc, metrics, runtime_env = free_ports(7)
+    env = {**os.environ, **ray_env()}
+    temp_dir = tempfile.mkdtemp(prefix="rayhead-", dir="/tmp")  # short: Ray's socket paths live under it
+    proc = subprocess.Popen(
+        [RAY, "start", "--head", "--block", "--num-cpus", "3", "--object-store-memory", str(128 * 2**20),
+         "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1", "--port", str(gcs),
+         "--dashboard-port", str(dashboard), "--ray-client-server-port", str(client),
+         "--dashboard-agent-listen-port", str(agent_http), "--dashboard-agent-grpc-port", str(agent_grpc),
+         "--metrics-export-port", str(metrics), "--runtime-env-agent-port", str(runtime_env),
+         "--temp-dir", temp_dir, "--disable-usage-stats"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    address = f"http://127.0.0.1:{dashboard}"
+    deadline = time.time() + 90
+    while subprocess.run([RAY, "job", "list", "--address", address], env=env, capture_output=True).returncode:
+        assert proc.poll() is None and time.time() < deadline, "ray start --head did not come up"
+        time.sleep(1)
+    yield {"env": env, "gcs": f"127.0.0.1:{gcs}", "dashboard": address}
+    proc.send_signal(signal.SIGINT)  # --block stops the node's processes on interrupt
+    try:
+        proc.wait(timeout=30)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def test_ray_job_submit_captions_the_demo_shards(head, tmp_path):
+    write_shards(tmp_path / "in", 6, rows_per_shard=3)
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [RAY, "job", "submit", "--address", head["dashboard"], "--working-dir", ".", "--",
+         "python", "jobs/caption.py", "--input", str(tmp_path / "in"), "--output", str(out), "--max-tokens", "8",
+         "--num-actors", "1", "--batch-size", "3"],
+        cwd=REPO, env=head["env"], capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "captioned 6 rows (0 errors)" in result.stdout
+    table = read_output(str(out))
+    assert sorted(table.column("id").to_pylist()) == [f"test-0-{i:06d}" for i in range(6)]
+    assert all(table.column("caption").to_pylist()) and set(table.column("model").to_pylist()) == {"demo"}
+    metrics = json.loads((tmp_path / "out.metrics.json").read_text())
+    assert metrics["rows"] == 6 and metrics["errors"] == 0 and metrics["output_tokens"] > 0
+
+
+def test_without_the_token_the_cluster_refuses(head, tmp_path):
+    env = {**head["env"], "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    result = subprocess.run([RAY, "job", "list", "--address", head["dashboard"]], env=env, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode != 0
+
+
+def test_a_killed_run_resumes_with_every_id_exactly_once(head, tmp_path):
+    model = save_tiny_model(tmp_path / "model")
+    write_shards(tmp_path / "in", 40, rows_per_shard=20)
+    out = tmp_path / "out"
+    command = [sys.executable, "jobs/caption.py", "--address", head["gcs"], "--input", str(tmp_path / "in"),
+               "--output", str(out), "--model", model, "--max-tokens", "48", "--batch-size", "2",
+               "--rows-per-file", "2", "--no-progress"]
+    first = subprocess.Popen(command, cwd=REPO, env=head["env"], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    deadline = time.time() + 180
+    while len(list(out.glob("*.parquet"))) < 3 and first.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    first.send_signal(signal.SIGKILL)
+    assert first.wait(timeout=30) == -signal.SIGKILL
+    partial = len(readable_ids(str(out)))
+    assert 0 < partial < 40
+
+    again = subprocess.run(command, cwd=REPO, env=head["env"], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and "pass --resume" in again.stderr
+    resumed = subprocess.run(command + ["--resume"], cwd=REPO, env=head["env"], capture_output=True, text=True,
+                             timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    ids = read_output(str(out)).column("id").to_pylist()
+    assert sorted(ids) == [f"test-0-{i:06d}" for i in range(40)]
+    metrics = json.loads((tmp_path / "out.metrics.json").read_text())
+    assert metrics["resumed_rows"] >= partial and metrics["rows"] == 40 - metrics["resumed_rows"]
+    assert (metrics["rows_in"], metrics["rows_out"], metrics["unique_ids"]) == (40, 40, 40)
