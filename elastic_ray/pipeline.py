@@ -67,7 +67,8 @@ class CaptionJob:
     num_actors: int = 1
     gpus_per_actor: float = 0.0
     cpus_per_actor: float = 1.0
-    batch_size: int = 16
+    batch_size: int = 64
+    max_num_seqs: int = 16
     resume: bool = False
     id_column: str = "id"
     image_column: str = "image"
@@ -120,7 +121,7 @@ def _positive(flag: str, value, *, integer: bool = True, zero: bool = False) -> 
 
 def check(job: CaptionJob) -> Input:
     """Validate every argument and inspect the input (schema, row count) and output; no Ray."""
-    for name in ("max_tokens", "num_actors", "batch_size", "max_pixels", "rows_per_file"):
+    for name in ("max_tokens", "num_actors", "batch_size", "max_num_seqs", "max_pixels", "rows_per_file"):
         _positive("--" + name.replace("_", "-"), getattr(job, name))
     _positive("--gpus-per-actor", job.gpus_per_actor, integer=False, zero=True)
     _positive("--cpus-per-actor", job.cpus_per_actor, integer=False)
@@ -282,10 +283,13 @@ class ActorStats:
 
 
 def build_llm(job: CaptionJob) -> LLM:
-    """The job's engine: `batch_size` sequences in flight, prompts up to what the context leaves."""
+    """The job's engine: `max_num_seqs` sequences in flight, prompts up to what the context leaves.
+
+    A batch of more rows than slots keeps the slots full (a finished row's slot takes the next
+    row), so only each batch's last rows run with slots idle."""
     model, processor = load(job.model, device="cuda" if job.gpus_per_actor > 0 else None)
     context = model.config.get_text_config().max_position_embeddings
-    engine = EngineConfig(max_num_seqs=job.batch_size, max_tokens=job.max_tokens,
+    engine = EngineConfig(max_num_seqs=job.max_num_seqs, max_tokens=job.max_tokens,
                           max_prompt_tokens=min(default_prompt_tokens(model), context - job.max_tokens))
     return LLM((model, processor), cache=CacheConfig(job.method, job.budget), engine=engine)
 

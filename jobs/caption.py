@@ -11,6 +11,7 @@ import os
 
 from elastic_ray.data.shapes import write_shards
 from elastic_ray.pipeline import CaptionJob, JobConfigError, run, summary
+from elastic_ray.report import caption_report, read_runs
 
 DEMO_INPUT = "out/demo-shards"
 DEMO_ROWS, DEMO_ROWS_PER_SHARD = 256, 64
@@ -30,7 +31,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--num-actors", type=int, default=d.num_actors)
     p.add_argument("--gpus-per-actor", type=float, default=d.gpus_per_actor)
     p.add_argument("--cpus-per-actor", type=float, default=d.cpus_per_actor)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="rows per call to a caption actor")
+    p.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs, help="sequences each engine runs at once")
     p.add_argument("--resume", action="store_true", help="finish a run into a non-empty output")
     p.add_argument("--id-column", default=d.id_column)
     p.add_argument("--image-column", default=d.image_column, help="encoded image bytes")
@@ -43,6 +45,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--rows-per-file", type=int, default=d.rows_per_file, help="output rows per file (minimum)")
     p.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a new local Ray)")
     p.add_argument("--no-progress", action="store_true", help="hide Ray Data's progress bars")
+    p.add_argument("--no-report", action="store_true", help="skip the report (default: written to <output>.report/)")
+    p.add_argument("--report-with", action="append", default=[], metavar="RUN_DIR",
+                   help="an evaluation (for quality) or benchmark folder the report includes (repeatable)")
     return p
 
 
@@ -57,6 +62,7 @@ def main(argv=None) -> None:
         input=args.input, output=args.output, model=args.model, method=args.method, budget=args.budget,
         max_tokens=args.max_tokens, instruction=args.instruction, num_actors=args.num_actors,
         gpus_per_actor=args.gpus_per_actor, cpus_per_actor=args.cpus_per_actor, batch_size=args.batch_size,
+        max_num_seqs=args.max_num_seqs,
         resume=args.resume, id_column=args.id_column, image_column=args.image_column,
         image_path_column=args.image_path_column, instruction_column=args.instruction_column,
         endpoint_url=args.endpoint_url, allow_images_from=tuple(args.allow_images_from),
@@ -64,10 +70,16 @@ def main(argv=None) -> None:
         progress=not args.no_progress,
     )
     try:
+        extra = read_runs(args.report_with)
+    except (OSError, ValueError) as e:
+        p.error(f"--report-with: {e}")
+    try:
         metrics = run(job)
     except JobConfigError as e:
         p.error(str(e))
     print(summary(metrics, job), flush=True)
+    if not args.no_report:
+        print(f"report {caption_report(metrics, job.metrics_path, job.output, extra)}", flush=True)
 
 
 if __name__ == "__main__":
