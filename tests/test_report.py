@@ -19,8 +19,9 @@ from elastic_ray.eval.samples import shapes_samples
 from elastic_ray.eval.sweep import grid, sweep
 from elastic_ray.models.loading import load
 from elastic_ray.models.synthetic import random_llava
-from elastic_ray.report import DEFAULT_HOURLY_PRICE
-from elastic_ray.report.inputs import read_runs
+from elastic_ray.report import DEFAULT_HOURLY_PRICE, build
+from elastic_ray.report.inputs import caption_run, read_runs
+from elastic_ray.report.provenance import derive, measured, not_measured
 from elastic_ray.report.quality import latest_evaluations, quality
 
 REPO = Path(__file__).parents[1]
@@ -133,6 +134,31 @@ def test_caption_job_writes_its_report_with_figures_from_its_metrics(caption, ev
     (i, cell), = [(i, c) for i, c in enumerate(results["cells"]) if c["method"] == "elastic" and c["budget"] == 0.5]
     assert_measured(row, "rouge_l", results, evaluation / "results.json", f"cells[{i}].rouge_l")
     assert figure(row, "accuracy")["value"] == cell["accuracy"]
+
+
+def test_gpu_runs_are_priced_per_gpu_hour(caption, tmp_path):
+    metrics = json.loads(caption["metrics_path"].read_text())
+    metrics["settings"]["gpus_per_actor"] = 0.5  # the same run, as if each actor held half a GPU
+    build([caption_run(metrics, "gpu.metrics.json")], tmp_path, hourly_price=4.0)
+    (row,) = json.loads((tmp_path / "report.json").read_text())["rows"]
+    gpus = metrics["num_actors"] * 0.5
+    assert figure(row, "rows_per_s_per_gpu")["value"] == pytest.approx(metrics["rows_per_s"] / gpus)
+    gpu_hours = gpus * metrics["wall_s"] / 3600
+    assert figure(row, "gpu_hours")["value"] == pytest.approx(gpu_hours)
+    assert figure(row, "cost_per_million_captions")["value"] == pytest.approx(4.0 * gpu_hours / metrics["rows"] * 1e6)
+    for entry, actor in zip(row["actors"], metrics["actors"]):
+        assert entry["captions_per_engine_s_per_gpu"]["value"] == pytest.approx(actor["captions_per_engine_s"] / 0.5)
+
+
+def test_a_figure_derived_from_an_unmeasured_one_is_not_measured():
+    rows = measured(10, "rows", "m.json", "rows")
+    hours = not_measured("actor-hours", "no replicas recorded")
+    cost = derive("USD", "price x hours / rows", lambda h, r: h / r, h=hours, r=rows)
+    assert cost.value is None and cost.status == "not measured" and "no replicas recorded" in cost.reason
+    zero = derive("x", "a / b", lambda a, b: a / b, a=rows, b=measured(0, "rows", "m.json", "errors"))
+    assert zero.value is None and "division by zero" in zero.reason
+    ratio = derive("x", "a / b", lambda a, b: a / b, a=rows, b=measured(4, "rows", "n.json", "errors"))
+    assert ratio.value == 2.5 and ratio.sources == (("m.json", "rows"), ("n.json", "errors"))
 
 
 def test_report_across_runs_traces_every_figure(report, benchmark, work):

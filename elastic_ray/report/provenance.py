@@ -57,9 +57,9 @@ def not_measured(unit: str, reason: str) -> Figure:
 def derive(unit: str, formula: str, compute, **inputs: Figure) -> Figure:
     """`compute(**values)` of known inputs, with their sources; 'not measured' when one is not known
     or the result is undefined (a division by zero)."""
-    missing = [name for name, figure in inputs.items() if not figure.known]
+    missing = dict.fromkeys(figure.reason for figure in inputs.values() if not figure.known)
     if missing:
-        return not_measured(unit, f"{formula}: {', '.join(missing)} not measured")
+        return not_measured(unit, f"{formula}: {'; '.join(missing)}")
     try:
         value = compute(**{name: figure.value for name, figure in inputs.items()})
     except ZeroDivisionError:
