@@ -7,7 +7,6 @@ OUT/report.html (self-contained) and the plots as PNG.
 """
 
 import argparse
-import sys
 
 from elastic_ray.report import DEFAULT_HOURLY_PRICE, build, read_runs
 
@@ -27,7 +26,7 @@ def main(argv=None) -> None:
         runs = read_runs(args.runs)
     except (OSError, ValueError) as e:
         p.error(str(e))
-    print(f"wrote {build(runs, args.out, args.hourly_price)}", file=sys.stdout)
+    print(f"wrote {build(runs, args.out, args.hourly_price)}")
 
 
 if __name__ == "__main__":

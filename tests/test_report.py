@@ -2,7 +2,6 @@
 input field it names, the caption job's automatic report, and the HTML in headless Chromium."""
 
 import json
-import math
 import os
 import shutil
 import subprocess
