@@ -323,7 +323,9 @@ class Captions:
                     out[i]["error"] = f"refused by the engine: {e}"
         while engine.has_unfinished():
             for o in engine.step():
-                if o.finished:
+                if o.finish_reason == "error":
+                    out[o.request_id]["error"] = f"refused by the engine: {o.error}"
+                elif o.finished:
                     out[o.request_id].update(
                         caption=o.text, prompt_tokens=o.stats["prompt_tokens"], output_tokens=o.stats["output_tokens"],
                         kv_bytes=o.stats["kv_bytes"], latency_ms=round(1000 * (time.perf_counter() - start), 3))

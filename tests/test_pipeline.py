@@ -8,7 +8,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -23,13 +22,10 @@ from captioning import (
     MAX_PIXELS, bad_rows, check_errors, errors_by_id, good_rows, png, ray_env, read_output, save_tiny_model,
     write_rows,
 )
+from elastic_ray.data.shapes import CAPTION_INSTRUCTION, write_shards
+from elastic_ray.pipeline import Captions, CaptionJob, JobConfigError, check, finished_ids, prepare
 
-os.environ.update(ray_env())  # before the import below brings in Ray, which reads it once
-
-from elastic_ray.data.shapes import CAPTION_INSTRUCTION, write_shards  # noqa: E402
-from elastic_ray.pipeline import (  # noqa: E402
-    Captions, CaptionJob, JobConfigError, check, finished_ids, prepare, run,
-)
+REPO = Path(__file__).parents[1]
 
 NO_IDS = pa.array([], pa.string())
 
@@ -185,50 +181,52 @@ def test_captions_flag_prompts_the_engine_refuses(tiny_model, tmp_path):
 
 # --- Whole runs on a two-node Ray cluster ----------------------------------------------------
 
-
-# Credentials for the moto server; set before the cluster starts so that its workers inherit them.
+# Credentials for the moto server; the cluster's workers inherit them.
 S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    import ray
-    from ray.cluster_utils import Cluster
+    """tests/two_node_cluster.py in its own process; yields its address, raylet pids and client env."""
+    env = {**os.environ, **ray_env(), **S3_ENV}
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("two_node_cluster.py"))], env=env,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    info = json.loads(proc.stdout.readline())
+    yield {**info, "env": env}
+    proc.stdin.close()
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
 
-    from ray._private import ray_constants
 
-    if ray_constants.ENABLE_RAY_CLUSTER:
-        pytest.fail("Ray was imported before this module set its environment (see captioning.ray_env)")
-    patch = pytest.MonkeyPatch()
-    for key, value in S3_ENV.items():
-        patch.setenv(key, value)
-    node = {"num_cpus": 2, "object_store_memory": 96 * 2**20, "include_dashboard": False,
-            "node_ip_address": "127.0.0.1"}
-    cluster = Cluster(initialize_head=True, head_node_args=node)
-    cluster.add_node(**{k: v for k, v in node.items() if k != "include_dashboard"})
-    cluster.wait_for_nodes()
-    ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
-    yield cluster
-    ray.shutdown()
-    cluster.shutdown()
-    patch.undo()
+def caption_command(cluster, *args) -> list[str]:
+    return [sys.executable, "jobs/caption.py", "--address", cluster["address"], "--no-progress", "--no-report",
+            *map(str, args)]
+
+
+def caption(cluster, *args) -> subprocess.CompletedProcess:
+    result = subprocess.run(caption_command(cluster, *args), cwd=REPO, env=cluster["env"], capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return result
 
 
 def test_run_on_two_nodes_flags_bad_rows_and_writes_each_id_once(cluster, tiny_model, tmp_path):
     expected = bad_rows()
     write_rows(tmp_path / "in" / "bad.parquet", [row for row, _ in expected])
     write_rows(tmp_path / "in" / "good.parquet", good_rows(13))
-    job = CaptionJob(input=str(tmp_path / "in"), output=str(tmp_path / "out"), model=tiny_model, max_tokens=4,
-                     num_actors=2, batch_size=3, max_pixels=MAX_PIXELS, rows_per_file=5, progress=False)
-    metrics = run(job)
-    table = read_output(job.output)
+    out = tmp_path / "out"
+    result = caption(cluster, "--input", tmp_path / "in", "--output", out, "--model", tiny_model, "--max-tokens", 4,
+                     "--num-actors", 2, "--batch-size", 3, "--max-pixels", MAX_PIXELS, "--rows-per-file", 5)
+    assert "captioned 24 rows (9 errors)" in result.stdout
+    table = read_output(str(out))
     assert table.num_rows == 24
     assert sorted(map(str, table.column("id").to_pylist())) == sorted(
         [str(r["id"]) for r, _ in expected] + [f"row-{i:03d}" for i in range(13)])
     check_errors(table, expected)
     assert set(table.column("method").to_pylist()) == {"elastic"} and set(table.column("budget").to_pylist()) == {0.5}
-    on_disk = json.loads(Path(job.metrics_path).read_text())
-    assert on_disk == metrics
+    metrics = json.loads((tmp_path / "out.metrics.json").read_text())
     assert (metrics["rows"], metrics["errors"], metrics["rows_in"], metrics["rows_out"]) == (24, 9, 24, 24)
     assert metrics["output_tokens"] == sum(v for v in table.column("output_tokens").to_pylist() if v)
     assert metrics["rows_per_s"] > 0 and 0 < metrics["kv_bytes_per_seq"] < metrics["kv_bytes_full_per_seq"]
@@ -237,9 +235,8 @@ def test_run_on_two_nodes_flags_bad_rows_and_writes_each_id_once(cluster, tiny_m
     assert sum(a["rows"] for a in metrics["actors"]) == 24
 
 
-def _captioner_pids(cluster) -> list[int]:
-    """Caption actor processes under this cluster's raylets (Ray titles them after the UDF)."""
-    raylets = {node.all_processes["raylet"][0].process.pid for node in cluster.list_all_nodes()}
+def _captioner_pids(raylets: list[int]) -> list[int]:
+    """Caption actor processes under these raylets (Ray titles them after the UDF)."""
     pids = []
     for entry in filter(str.isdigit, os.listdir("/proc")):
         try:
@@ -258,37 +255,35 @@ def test_a_killed_actor_is_replaced_and_every_row_still_arrives(cluster, tiny_mo
         (tmp_path / "in" / f"{i:02d}.png").write_bytes(png(i))
     (tmp_path / "in" / "broken.png").write_bytes(b"\x89PNG broken")
     out = tmp_path / "out"
-    job = CaptionJob(input=str(tmp_path / "in"), output=str(out), model=tiny_model, max_tokens=64,
-                     num_actors=2, batch_size=2, rows_per_file=2, progress=False)
-    result = {}
-    worker = threading.Thread(target=lambda: result.update(metrics=run(job)))
-    worker.start()
-    deadline = time.time() + 120
-    while not list(out.glob("*.parquet")) and worker.is_alive() and time.time() < deadline:
+    job = subprocess.Popen(
+        caption_command(cluster, "--input", tmp_path / "in", "--output", out, "--model", tiny_model,
+                        "--max-tokens", 64, "--num-actors", 2, "--batch-size", 2, "--rows-per-file", 2),
+        cwd=REPO, env=cluster["env"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 180
+    while not list(out.glob("*.parquet")) and job.poll() is None and time.time() < deadline:
         time.sleep(0.05)
-    victims = _captioner_pids(cluster)
-    assert len(victims) == 2 and worker.is_alive(), "the run ended before an actor could be killed"
+    victims = _captioner_pids(cluster["raylets"])
+    assert len(victims) == 2 and job.poll() is None, "the run ended before an actor could be killed"
     os.kill(victims[0], signal.SIGKILL)  # both actors are working: the pool starts once all are up
-    worker.join(timeout=300)
-    metrics = result["metrics"]
-    table = read_output(job.output)
+    stdout, stderr = job.communicate(timeout=300)
+    assert job.returncode == 0, stderr[-4000:]
+    table = read_output(str(out))
     assert sorted(table.column("id").to_pylist()) == sorted([f"{i:02d}.png" for i in range(60)] + ["broken.png"])
     assert errors_by_id(table)["broken.png"].startswith("undecodable")
+    metrics = json.loads((tmp_path / "out.metrics.json").read_text())
     assert metrics["rows_out"] == 61 and metrics["unique_ids"] == 61
     assert victims[0] not in [a["pid"] for a in metrics["actors"]]
     assert sorted(a["starts"] for a in metrics["actors"]) == [1, 2]
 
 
 @pytest.fixture(scope="module")
-def s3_server(tmp_path_factory):
+def s3_server():
     """A moto S3 server on 127.0.0.1 in its own process; yields the endpoint URL."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, **S3_ENV}
     server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    endpoint = f"http://127.0.0.1:{port}"
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **S3_ENV})
     deadline = time.time() + 30
     while time.time() < deadline:
         try:
@@ -296,12 +291,14 @@ def s3_server(tmp_path_factory):
             break
         except OSError:
             time.sleep(0.2)
-    yield endpoint
+    yield f"http://127.0.0.1:{port}"
     server.terminate()
     server.wait(timeout=10)
 
 
-def test_s3_input_image_paths_and_output_through_a_local_server(cluster, tiny_model, s3_server):
+def test_s3_input_image_paths_and_output_through_a_local_server(cluster, tiny_model, s3_server, monkeypatch):
+    for key, value in S3_ENV.items():
+        monkeypatch.setenv(key, value)
     s3 = s3fs.S3FileSystem(endpoint_url=s3_server)
     s3.mkdir("captions")
     for i in range(5):
@@ -312,18 +309,17 @@ def test_s3_input_image_paths_and_output_through_a_local_server(cluster, tiny_mo
     rows += [{"key": 5, "path": "s3://captions/elsewhere/x.png", "prompt": "what ?"},
              {"key": 6, "path": "images/missing.png", "prompt": None}]
     s3.pipe("captions/in/rows.parquet", _parquet_bytes(rows, schema))
-    job = CaptionJob(input="s3://captions/in", output="s3://captions/out", model=tiny_model, max_tokens=4,
-                     id_column="key", image_path_column="path", instruction_column="prompt",
-                     endpoint_url=s3_server, num_actors=1, batch_size=4, progress=False)
-    metrics = run(job)
-    table = read_output("s3://captions/out", endpoint_url=s3_server)
-    errors = errors_by_id(table)
+    args = ["--input", "s3://captions/in", "--output", "s3://captions/out", "--model", tiny_model, "--max-tokens", 4,
+            "--id-column", "key", "--image-path-column", "path", "--instruction-column", "prompt",
+            "--endpoint-url", s3_server, "--batch-size", 4]
+    caption(cluster, *args)
+    errors = errors_by_id(read_output("s3://captions/out", endpoint_url=s3_server))
     assert sorted(errors) == [str(i) for i in range(7)]
     assert [errors[str(i)] for i in range(5)] == [None] * 5
     assert "outside the allowed locations" in errors["5"] and "missing image" in errors["6"]
-    assert json.loads(s3.cat("captions/out.metrics.json"))["rows"] == 7 == metrics["rows"]
+    assert json.loads(s3.cat("captions/out.metrics.json"))["rows"] == 7
     s3.rm("captions/out", recursive=True)
-    run(replace(job, allow_images_from=("s3://captions/elsewhere",)))
+    caption(cluster, *args, "--allow-images-from", "s3://captions/elsewhere")
     assert errors_by_id(read_output("s3://captions/out", endpoint_url=s3_server))["5"] is None
 
 
