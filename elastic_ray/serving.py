@@ -278,10 +278,12 @@ def prepare(chat: ChatRequest, config: ServeConfig) -> Prepared:
 
 @dataclass
 class Submission:
-    """Work for the engine loop; `deliver` receives each RequestOutput, or an APIError."""
+    """Work for the engine loop; `deliver` receives each RequestOutput (only the finished one
+    unless `stream`), or an APIError."""
 
     prepared: Prepared
     deliver: Callable[[RequestOutput | APIError], None]
+    stream: bool = True
 
 
 class EngineLoop:
@@ -354,7 +356,8 @@ class EngineLoop:
                 for output in engine.step():
                     key = (cache, output.request_id)
                     submission = self._running.pop(key) if output.finished else self._running[key]
-                    submission.deliver(output)
+                    if output.finished or submission.stream:
+                        submission.deliver(output)
         return True
 
     def _admit(self) -> None:
@@ -469,8 +472,9 @@ class ChatServer:
     @api.get("/healthz")
     async def healthz(self) -> JSONResponse:
         device = next(self.model.parameters()).device
+        cpu = f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
         body = {"status": "ok" if self.engines.error is None else "failed", "model": self.config.name,
-                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
+                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu,
                 "engines": self.engines.describe()}
         return JSONResponse(body, status_code=200 if self.engines.error is None else 503)
 
@@ -487,7 +491,8 @@ class ChatServer:
         except APIError as e:
             return e.response()
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
-        self.engines.submit(Submission(prepared, lambda event: loop.call_soon_threadsafe(events.put_nowait, event)))
+        self.engines.submit(Submission(prepared, lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
+                                       stream=chat.stream))
         first = await events.get()
         if isinstance(first, APIError):
             return first.response()
@@ -496,15 +501,10 @@ class ChatServer:
             include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
             chunks = self._chunks(head, first, events, prepared.sampling.stop, include_usage)
             return StreamingResponse(chunks, media_type="text/event-stream")
-        output = first
-        while not output.finished:
-            output = await events.get()
-            if isinstance(output, APIError):
-                return output.response()
-        return {**head, "object": "chat.completion",
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": output.text},
-                             "finish_reason": output.finish_reason, "logprobs": None}],
-                "usage": usage(output), "kv_cache": kv_cache(output)}
+        return {**head, "object": "chat.completion",  # not streaming: the first output is the finished one
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": first.text},
+                             "finish_reason": first.finish_reason, "logprobs": None}],
+                "usage": usage(first), "kv_cache": kv_cache(first)}
 
     async def _chunks(self, head: dict, output, events: asyncio.Queue, stop: tuple[str, ...], include_usage: bool):
         """Server-sent chunks: the role, then text deltas; the last choice chunk carries

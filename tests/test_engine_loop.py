@@ -90,6 +90,10 @@ def test_a_refused_request_gets_a_400_and_the_others_run(tiny_llava, images):
         refused, ran = (last_event(q) for q in submit_all(loop, prepared))
         assert isinstance(refused, APIError) and refused.status == 400 and "over the engine's limit" in refused.message
         assert ran.finish_reason == "length" and len(ran.token_ids) == 4
+        quiet = queue.Queue()  # not streaming: only the finished output is delivered
+        loop.submit(Submission(prepared[1], quiet.put, stream=False))
+        only = quiet.get(timeout=60)
+        assert only.finished and only.token_ids == ran.token_ids and quiet.empty()
         assert loop.error is None
     finally:
         loop.close()

@@ -124,10 +124,9 @@ def server(image_server, tmp_path_factory):
               "--max-pixels", "1000000"]
     main, line = start_serve_job([*common, "--max-num-seqs", "8", "--max-queued-requests", "32",
                                   "--allow-images-from", f"{image_server}/allowed/"], env, logs / "main.log")
-    url = f"http://127.0.0.1:{port}"
-    assert line.startswith(f"serving demo at {url}/v1 on the Ray at "), line
-    tight = None
+    url, tight = f"http://127.0.0.1:{port}", None
     try:
+        assert line.startswith(f"serving demo at {url}/v1 on the Ray at "), line
         tight, _ = start_serve_job([*common, "--address", line.split("on the Ray at ")[1].split()[0], "--name", "tight",
                                     "--route-prefix", "/tight", "--max-num-seqs", "1", "--max-ongoing-requests", "1",
                                     "--max-queued-requests", "1"], env, logs / "tight.log")
