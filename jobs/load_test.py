@@ -8,7 +8,8 @@ Each request sends a different test-split shapes image as a data: URL with "Desc
 greedy, with `ignore_eos` so that every request generates exactly --max-tokens tokens and the
 policies do equal work. A policy's run is preceded by --warmup requests (not measured, they also
 create its engine). A 429 counts as rejected and is not retried. Writes `<output>/load.json`
-(the measured numbers, the command, the server's /healthz with its device, this client's host)
+(the measured numbers, the command, the server's /healthz with its device, this client's host
+and its load average before and after, which shows other work sharing the machine)
 and `<output>/requests.jsonl` (one line a request), and prints one line a policy.
 """
 
@@ -118,6 +119,7 @@ def main(argv=None) -> None:
     args = parser().parse_args(argv)
     if min(args.requests, args.concurrency, args.max_tokens) < 1 or args.warmup < 0:
         parser().error("--requests, --concurrency and --max-tokens must be positive, --warmup non-negative")
+    load_before = os.getloadavg()
     measured = asyncio.run(measure(args))
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
@@ -131,7 +133,8 @@ def main(argv=None) -> None:
         "device": measured["server"]["device"],
         "server": measured["server"],
         "client": {"host": platform.node(), "platform": platform.platform(), "cpus": os.cpu_count(),
-                   "python": platform.python_version()},
+                   "python": platform.python_version(),
+                   "load_average_1_5_15": {"before": load_before, "after": os.getloadavg()}},
         "results": measured["results"],
     }
     (out / "load.json").write_text(json.dumps(report, indent=2) + "\n")
