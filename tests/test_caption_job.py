@@ -80,11 +80,12 @@ def test_ray_job_submit_captions_the_demo_shards(head, tmp_path):
     assert metrics["rows"] == 6 and metrics["errors"] == 0 and metrics["output_tokens"] > 0
 
 
-def test_without_the_token_the_cluster_refuses(head, tmp_path):
+def test_with_a_wrong_token_the_cluster_refuses(head):
     env = {**head["env"], "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     result = subprocess.run([RAY, "job", "list", "--address", head["dashboard"]], env=env, capture_output=True,
                             text=True, timeout=60)
     assert result.returncode != 0
+    assert "Invalid authentication token" in result.stderr
 
 
 def test_a_killed_run_resumes_with_every_id_exactly_once(head, tmp_path):
