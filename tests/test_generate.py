@@ -5,6 +5,7 @@ import torch
 from transformers import DynamicCache
 
 from conftest import encode
+from elastic_ray.hf.cache import cache_keyword, passed_cache
 from elastic_ray.hf.generate import generate_compressed
 from elastic_ray.kv import make_policy
 
@@ -78,7 +79,7 @@ def test_eviction_only_methods_equal_a_full_cache_that_masks_the_dropped_columns
     inputs = encode((model, processor), images)
     held = []  # per forward: each layer's original positions [B, W] after that forward
     record = model.model.language_model.register_forward_hook(
-        lambda module, args, kwargs, out: held.append([l.positions[:, 0].clone() for l in kwargs["past_key_values"].layers]),
+        lambda module, args, kwargs, out: held.append([l.positions[:, 0].clone() for l in passed_cache(kwargs).layers]),
         with_kwargs=True,
     )
     try:
@@ -115,7 +116,7 @@ def _masked_reference(model, inputs, sequences, held):
     handles = [a.register_forward_pre_hook(pre_hook, with_kwargs=True) for a in attentions]
     try:
         with torch.no_grad():
-            out = model(**inputs, past_key_values=cache, position_ids=position_ids, use_cache=True)
+            out = model(**inputs, **{cache_keyword(model): cache}, position_ids=position_ids, use_cache=True)
             logits.append(out.logits[:, -1])
             for step in range(1, len(held)):
                 token = sequences[:, width + step - 1 : width + step]
@@ -132,7 +133,7 @@ def _masked_reference(model, inputs, sequences, held):
                     masks.append(allowed)
                 current["layer_masks"] = masks
                 next_pos = position_ids[:, -1:] + step
-                out = model(input_ids=token, past_key_values=cache, position_ids=next_pos, use_cache=True,
+                out = model(input_ids=token, **{cache_keyword(model): cache}, position_ids=next_pos, use_cache=True,
                             attention_mask=torch.ones(batch, columns, dtype=torch.long))
                 logits.append(out.logits[:, -1])
     finally:

@@ -5,7 +5,7 @@ from torch import Tensor, nn
 
 from elastic_ray.engine.sequence import Sequence
 from elastic_ray.engine.slots import KVSlots, SlotCache
-from elastic_ray.hf.cache import CompressedCache
+from elastic_ray.hf.cache import CompressedCache, cache_keyword
 from elastic_ray.hf.hooks import install_hooks
 from elastic_ray.kv.policy import CachePolicy
 from elastic_ray.models.family import Family
@@ -33,6 +33,7 @@ class ModelRunner:
     def __init__(self, model: nn.Module, family: Family, policy: CachePolicy, slots: KVSlots, pad_token_id: int):
         self.model, self.family, self.policy, self.slots = model, family, policy, slots
         self.pad_token_id = pad_token_id
+        self.cache_keyword = cache_keyword(model)
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         rows = 4 if family.model_type in ("qwen2_vl", "qwen2_5_vl") else 1
@@ -52,7 +53,8 @@ class ModelRunner:
         if bool(inputs["attention_mask"].all()):
             del inputs["attention_mask"]  # as generate() does: no padding, no mask
         cache = CompressedCache(self.policy, len(self.family.attentions))
-        out = self.model(**inputs, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = self.model(**inputs, position_ids=positions, **{self.cache_keyword: cache}, use_cache=True,
+                         logits_to_keep=1)
         slots = torch.tensor([s.slot for s in seqs], device=self.device)
         for layer_idx, layer in enumerate(cache.layers):
             self.slots.store_prompt(slots, layer_idx, layer)
@@ -80,7 +82,7 @@ class ModelRunner:
         tokens = torch.tensor([[s.last_token] for s in seqs], device=self.device)
         out = self.model(
             input_ids=tokens, attention_mask=None if bool(mask.all()) else mask.long(), position_ids=positions,
-            past_key_values=cache, use_cache=True, logits_to_keep=1,
+            **{self.cache_keyword: cache}, use_cache=True, logits_to_keep=1,
         )
         self.next_position[:n] += 1
         return out.logits[:, -1]

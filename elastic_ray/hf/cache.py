@@ -5,12 +5,25 @@ them; the decode mask marks exactly those columns (plus the new token), so rows 
 different counts. Spec: shared/notes/transformers-cache.md §4.
 """
 
+import inspect
+
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from elastic_ray.kv.entries import Selection, apply_selection, pack_order
 from elastic_ray.kv.policy import CachePolicy
+
+
+def cache_keyword(model: nn.Module) -> str:
+    """The keyword `model.forward` takes its cache by: `cache` from transformers 5.24,
+    `past_key_values` before (5.24 still accepts the old name, with a warning)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def passed_cache(kwargs: dict):
+    """The cache a forward was called with, under either keyword."""
+    return kwargs.get("cache", kwargs.get("past_key_values"))
 
 
 def _gather_columns(tensor: Tensor, index: Tensor) -> Tensor:

@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from elastic_ray.hf.cache import CompressedCache
+from elastic_ray.hf.cache import CompressedCache, cache_keyword
 from elastic_ray.hf.hooks import install_hooks
 from elastic_ray.kv.policy import CachePolicy
 from elastic_ray.models.family import Family, family_of
@@ -24,5 +24,5 @@ def generate_compressed(model: nn.Module, inputs: dict, policy: CachePolicy, fam
     cache = CompressedCache(policy, len(family.attentions))
     install_hooks(family)
     with torch.no_grad():
-        output = model.generate(**inputs, past_key_values=cache, **kwargs)
+        output = model.generate(**inputs, **{cache_keyword(model): cache}, **kwargs)
     return output, cache

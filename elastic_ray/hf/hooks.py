@@ -12,13 +12,13 @@ The hooks do nothing for any other cache, so they stay installed for the model's
 import torch
 from torch import nn
 
-from elastic_ray.hf.cache import CompressedCache, PolicyCache
+from elastic_ray.hf.cache import CompressedCache, PolicyCache, passed_cache
 from elastic_ray.kv.importance import attention_column_sums, reduce_heads
 from elastic_ray.models.family import Family, attention_queries
 
 
 def _decoder_pre_hook(module: nn.Module, args: tuple, kwargs: dict):
-    cache = kwargs.get("past_key_values")
+    cache = passed_cache(kwargs)
     if not isinstance(cache, CompressedCache):
         return None
     embeds = kwargs.get("inputs_embeds")
@@ -38,7 +38,7 @@ def _decoder_pre_hook(module: nn.Module, args: tuple, kwargs: dict):
 
 def _attention_post_hook(cache_layers: int):
     def hook(module: nn.Module, args: tuple, kwargs: dict, output):
-        cache = kwargs.get("past_key_values")
+        cache = passed_cache(kwargs)
         if not isinstance(cache, PolicyCache):
             return None
         layer = cache.layers[module.layer_idx]
