@@ -46,7 +46,6 @@ from elastic_ray.outputs import RequestOutput
 logger = logging.getLogger("ray.serve")
 
 # The processor resizes an image's short side to its input size, so a thin image becomes huge.
-MAX_ASPECT_RATIO = 50
 
 
 class ServeConfig(BaseModel):
@@ -232,16 +231,10 @@ def load_image(url: str, config: ServeConfig) -> Image.Image:
     elif url.startswith(("http://", "https://")):
         if not config.allow_images_from:
             raise ImageError("http(s) image URLs are refused: this server has no allow-list; send a data: URL")
-        no_redirects = {"allow_redirects": False}
-        data = ImageSource(config.allow_images_from, storage_options={"http": no_redirects, "https": no_redirects}
-                           ).read(url)
+        data = ImageSource(config.allow_images_from).read(url)
     else:
         raise ImageError("image_url must be a data: URL or an http(s) URL")
-    image = decode_image(data, config.max_pixels)
-    width, height = image.size
-    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
-        raise ImageError(f"image is {width}x{height}: the aspect ratio is over {MAX_ASPECT_RATIO}")
-    return image
+    return decode_image(data, config.max_pixels)
 
 
 def prepare(chat: ChatRequest, config: ServeConfig) -> Prepared:

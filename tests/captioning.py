@@ -54,6 +54,7 @@ def bad_rows() -> list[tuple[dict, str]]:
         ({"id": "garbage", "image": b"GIF89a but not really", "instruction": None}, "undecodable"),
         ({"id": "bomb", "image": png(0, (4000, 4000), mode="1"), "instruction": None},
          f"4000x4000 = 16000000 pixels, over the limit of {MAX_PIXELS}"),
+        ({"id": "thin", "image": png(8, (200, 2)), "instruction": None}, "200x2: the aspect ratio is over 50"),
         ({"id": "empty-instruction", "image": png(4), "instruction": ""}, "empty instruction"),
         ({"id": "blank-instruction", "image": png(5), "instruction": "  \n"}, "empty instruction"),
         ({"id": "long-instruction", "image": png(6), "instruction": LONG_INSTRUCTION},

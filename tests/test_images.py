@@ -1,8 +1,10 @@
 """Safe image loading: every kind of bad image is an ImageError, the pixel limit is checked on the
 header before decoding, and paths outside the allow-list are never read."""
 
+import http.server
 import io
 import struct
+import threading
 import zlib
 
 import pytest
@@ -91,6 +93,45 @@ def test_source_reads_only_allowed_paths(tmp_path):
     for path, message in [(None, "missing image path"), ("  ", "empty image path"), (3, "must be a string")]:
         with pytest.raises(ImageError, match=message):
             source.read(path)
+
+
+def test_extreme_aspect_ratios_are_refused():
+    assert decode_image(encoded(Image.new("RGB", (100, 2)))).size == (100, 2)
+    for size in [(101, 2), (1, 60)]:
+        with pytest.raises(ImageError, match="aspect ratio is over 50"):
+            decode_image(encoded(Image.new("RGB", size)))
+
+
+def test_source_does_not_follow_http_redirects_out_of_the_allowed_prefix():
+    image = encoded(Image.new("RGB", (9, 7)))
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.path == "/allowed/moved.png":
+                self.send_response(302)
+                self.send_header("Location", "/private/a.png")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(image)))
+            self.end_headers()
+            self.wfile.write(image)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        source = ImageSource(allowed=(f"{url}/allowed/",))
+        assert source.load(f"{url}/allowed/a.png").size == (9, 7)
+        with pytest.raises(ImageError):  # the 302's empty body, never the redirect's target
+            source.load(f"{url}/allowed/moved.png")
+        assert decode_image(ImageSource(allowed=(url,)).read(f"{url}/private/a.png")).size == (9, 7)
+    finally:
+        server.shutdown()
 
 
 def test_source_refuses_files_over_the_byte_limit(tmp_path):

@@ -16,6 +16,7 @@ from PIL import Image
 
 MAX_PIXELS = 25_000_000
 MAX_BYTES = 64 * 2**20
+MAX_ASPECT_RATIO = 50  # longer side over shorter: vision processors resize to a square
 # Decoders for formats outside this list (EPS runs Ghostscript, for one) are never reached.
 FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff")
@@ -44,6 +45,8 @@ def decode_image(data, max_pixels: int = MAX_PIXELS) -> Image.Image:
     width, height = image.size
     if width * height > max_pixels:
         raise ImageError(f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}")
+    if max(width, height) > MAX_ASPECT_RATIO * max(min(width, height), 1):
+        raise ImageError(f"image is {width}x{height}: the aspect ratio is over {MAX_ASPECT_RATIO}")
     try:
         image.load()
         return image.convert("RGB")
@@ -121,6 +124,8 @@ class ImageSource:
         resolved = self.resolve(path)
         protocol = resolved.split("://", 1)[0] if _is_url(resolved) else "file"
         options = (self.storage_options or {}).get(protocol, {})
+        if protocol in ("http", "https"):  # a redirect could lead outside the allowed prefixes
+            options = {**options, "allow_redirects": False}
         try:
             with fsspec.open(resolved, "rb", **options) as f:
                 data = f.read(self.max_bytes + 1)
