@@ -61,7 +61,9 @@ class CaptionJob:
     output: str
     model: str = "demo"
     method: str = "elastic"
-    budget: float = 0.5
+    budget: float | str = 0.5  # or "auto": calibrated on the input, see `run`
+    target_rouge: float = 0.9
+    calibration_rows: int = 32
     max_tokens: int = 64
     instruction: str = CAPTION_INSTRUCTION
     num_actors: int = 1
@@ -121,14 +123,22 @@ def _positive(flag: str, value, *, integer: bool = True, zero: bool = False) -> 
 
 def check(job: CaptionJob) -> Input:
     """Validate every argument and inspect the input (schema, row count) and output; no Ray."""
-    for name in ("max_tokens", "num_actors", "batch_size", "max_num_seqs", "max_pixels", "rows_per_file"):
+    for name in ("max_tokens", "num_actors", "batch_size", "max_num_seqs", "max_pixels", "rows_per_file",
+                 "calibration_rows"):
         _positive("--" + name.replace("_", "-"), getattr(job, name))
     _positive("--gpus-per-actor", job.gpus_per_actor, integer=False, zero=True)
     _positive("--cpus-per-actor", job.cpus_per_actor, integer=False)
+    auto = job.budget == "auto"
+    if auto and job.method == "full":
+        raise JobConfigError("--budget auto chooses a budget for a compressing method; --method full keeps "
+                             "every entry")
     try:
-        CacheConfig(job.method, job.budget)
+        CacheConfig(job.method, 0.5 if auto else job.budget)
     except (ValueError, TypeError) as e:
         raise JobConfigError(f"bad cache settings: {e}") from e
+    if auto and (isinstance(job.target_rouge, bool) or not isinstance(job.target_rouge, (int, float))
+                 or not 0 < job.target_rouge <= 1):
+        raise JobConfigError(f"--target-rouge must be in (0, 1], got {job.target_rouge!r}")
     if not isinstance(job.instruction, str) or not job.instruction.strip():
         raise JobConfigError("instruction must be a non-empty string")
     _check_model(job)
@@ -257,6 +267,43 @@ def _prepare_row(raw_id, image, instruction, job: CaptionJob, source: ImageSourc
     return row
 
 
+SAMPLE_SCAN_FACTOR = 8
+
+
+def input_sample(job: CaptionJob, found: Input, n: int) -> list[dict]:
+    """The first `n` good rows of the input as engine requests ({"id", "image", "prompt"}), read
+    here without Ray: what `--budget auto` calibrates on. Bad rows are passed over; at most
+    `SAMPLE_SCAN_FACTOR * n` rows are read."""
+    fs, _ = job.filesystem(job.input)
+    none = pa.array([], pa.string())
+    requests, scanned = [], 0
+    for batch in _input_batches(fs, found, n):
+        prepared = prepare(batch, job=job, found=found, done=none)
+        requests += [_request(row) for row in prepared.to_pylist() if row["error"] is None]
+        scanned += batch.num_rows
+        if len(requests) >= n or scanned >= SAMPLE_SCAN_FACTOR * n:
+            break
+    return requests[:n]
+
+
+def _input_batches(fs, found: Input, n: int):
+    if found.format == "images":
+        for start in range(0, len(found.files), n):
+            paths = found.files[start:start + n]
+            yield pa.table({"path": paths, "bytes": pa.array([fs.cat_file(p) for p in paths], pa.binary())})
+        return
+    for path in found.files:
+        with fs.open(path, "rb") as f:
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=n, columns=found.columns):
+                yield pa.Table.from_batches([batch])
+
+
+def _request(row: dict) -> dict:
+    """A prepared row as an engine request."""
+    return {"id": row["id"], "image": Image.frombytes("RGB", (row["width"], row["height"]), row["pixels"]),
+            "prompt": row["prompt"]}
+
+
 @ray.remote(num_cpus=0)
 class ActorStats:
     """Per-actor counters the caption actors report to after each batch."""
@@ -282,12 +329,17 @@ class ActorStats:
         return self.actors
 
 
+def load_model(job: CaptionJob):
+    """The job's (model, processor), on the GPU when its actors have one."""
+    return load(job.model, device="cuda" if job.gpus_per_actor > 0 else None)
+
+
 def build_llm(job: CaptionJob) -> LLM:
     """The job's engine: `max_num_seqs` sequences in flight, prompts up to what the context leaves.
 
     A batch of more rows than slots keeps the slots full (a finished row's slot takes the next
     row), so only each batch's last rows run with slots idle."""
-    model, processor = load(job.model, device="cuda" if job.gpus_per_actor > 0 else None)
+    model, processor = load_model(job)
     context = model.config.get_text_config().max_position_embeddings
     engine = EngineConfig(max_num_seqs=job.max_num_seqs, max_tokens=job.max_tokens,
                           max_prompt_tokens=min(default_prompt_tokens(model), context - job.max_tokens))
@@ -316,9 +368,8 @@ class Captions:
         engine, start, kv_full = self.llm.engine, time.perf_counter(), 0
         for i, row in enumerate(rows):
             if row["error"] is None:
-                image = Image.frombytes("RGB", (row["width"], row["height"]), row["pixels"])
                 try:
-                    engine.add_request({"image": image, "prompt": row["prompt"]}, self.sampling, request_id=i)
+                    engine.add_request(_request(row), self.sampling, request_id=i)
                 except ValueError as e:
                     out[i]["error"] = f"refused by the engine: {e}"
         while engine.has_unfinished():
@@ -358,13 +409,17 @@ class Captioner:
 # --- The run --------------------------------------------------------------------------------
 
 
-def run(job: CaptionJob) -> dict:
+def run(job: CaptionJob, calibrate=None) -> dict:
     """Check, caption, write, verify every input id is in the output once; return the metrics.
 
     Connects to `job.address` (or `RAY_ADDRESS`), joins a Ray already initialised in this
-    process, or starts a local one on 127.0.0.1.
+    process, or starts a local one on 127.0.0.1. With `budget="auto"`, `calibrate(job, requests)`
+    first runs as a Ray task with one caption actor's resources, on `input_sample`'s requests, and
+    returns a dict whose "budget" the run then uses; the dict goes into the metrics.
     """
     found = check(job)
+    if job.budget == "auto" and calibrate is None:
+        raise ValueError("budget 'auto' needs a calibrate function")
     owned = not ray.is_initialized()
     if owned:
         address = job.address or os.environ.get("RAY_ADDRESS")
@@ -374,7 +429,11 @@ def run(job: CaptionJob) -> dict:
             ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False)
     try:
         _check_resources(job)
-        return _execute(job, found)
+        calibration = None
+        if job.budget == "auto":
+            calibration = _calibrate(job, found, calibrate)
+            job = replace(job, budget=calibration["budget"])
+        return _execute(job, found, calibration)
     finally:
         if owned:
             ray.shutdown()
@@ -391,6 +450,17 @@ def _check_resources(job: CaptionJob) -> None:
         raise JobConfigError(f"{job.num_actors} actors x {job.cpus_per_actor} CPUs leave less than one of the "
                              f"cluster's {cpus:g} CPUs for reading and writing; lower --num-actors or "
                              "--cpus-per-actor")
+
+
+def _calibrate(job: CaptionJob, found: Input, calibrate) -> dict:
+    requests = input_sample(job, found, job.calibration_rows)
+    if not requests:
+        raise JobConfigError(f"--budget auto: no good row to calibrate on among the input's first "
+                             f"{SAMPLE_SCAN_FACTOR * job.calibration_rows} rows")
+    start = time.perf_counter()
+    task = ray.remote(calibrate).options(num_cpus=job.cpus_per_actor, num_gpus=job.gpus_per_actor)
+    calibration = ray.get(task.remote(job, requests))
+    return {**calibration, "rows": len(requests), "wall_s": round(time.perf_counter() - start, 3)}
 
 
 def _parquet_files(fs, root: str) -> list[str]:
@@ -418,7 +488,7 @@ def finished_ids(fs, root: str) -> pa.Array:
     return pc.drop_null(pa.chunked_array(ids, pa.string()).combine_chunks())
 
 
-def _execute(job: CaptionJob, found: Input) -> dict:
+def _execute(job: CaptionJob, found: Input, calibration: dict | None = None) -> dict:
     out_fs, out_root = job.filesystem(job.output)
     done = finished_ids(out_fs, out_root) if job.resume else pa.array([], pa.string())
     before = set(_parquet_files(out_fs, out_root))
@@ -434,6 +504,8 @@ def _execute(job: CaptionJob, found: Input) -> dict:
     written = _read_files(out_fs, new, ["error", "prompt_tokens", "output_tokens", "kv_bytes", "latency_ms"])
     ids = _read_files(out_fs, _parquet_files(out_fs, out_root), ["id"]).column("id")
     metrics = _metrics(job, found, written, ids, len(done), wall, actors)
+    if calibration is not None:
+        metrics["budget_calibration"] = calibration
     with out_fs.open(out_root.rstrip("/") + ".metrics.json", "w") as f:
         json.dump(metrics, f, indent=2)
     if metrics["rows_out"] != found.rows or metrics["unique_ids"] != metrics["rows_out"] - metrics["null_ids"]:

@@ -1,6 +1,7 @@
 """Caption images with a VLM on Ray Data: Parquet shards or an image folder in, Parquet captions out.
 
     python jobs/caption.py                    # demo shards and demo model, local Ray, CPU
+    python jobs/caption.py --method h2o --budget auto --target-rouge 0.9
     python jobs/caption.py --input s3://bucket/shards --output s3://bucket/captions \\
         --model llava-hf/llava-1.5-7b-hf --num-actors 8 --gpus-per-actor 1 --resume
     ray job submit --working-dir . -- python jobs/caption.py --input /abs/shards --output /abs/out
@@ -10,11 +11,30 @@ import argparse
 import os
 
 from elastic_ray.data.shapes import write_shards
-from elastic_ray.pipeline import CaptionJob, JobConfigError, run, summary
+from elastic_ray.eval.calibrate import choose_budget
+from elastic_ray.eval.samples import Sample
+from elastic_ray.pipeline import CaptionJob, JobConfigError, load_model, run, summary
 from elastic_ray.report import caption_report, read_runs
 
 DEMO_INPUT = "out/demo-shards"
 DEMO_ROWS, DEMO_ROWS_PER_SHARD = 256, 64
+
+
+def budget(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a number in (0, 1] or 'auto', got {text!r}") from None
+
+
+def calibrate(job: CaptionJob, requests: list[dict]) -> dict:
+    """Auto-budget on the job's own rows: the smallest budget whose greedy captions score
+    `job.target_rouge` ROUGE-L against the full cache's. Runs as a Ray task (see `run`)."""
+    model, processor = load_model(job)
+    samples = [Sample(r["id"], r["image"], r["prompt"], "", "reference") for r in requests]
+    return choose_budget(model, processor, samples, job.method, job.target_rouge, job.max_tokens)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -25,7 +45,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="out/captions", help="output folder or s3:// prefix")
     p.add_argument("--model", default=d.model, help="'demo', a local path or a hub id")
     p.add_argument("--method", default=d.method, help="full, elastic, h2o or streaming")
-    p.add_argument("--budget", type=float, default=d.budget, help="fraction of KV entries kept, in (0, 1]")
+    p.add_argument("--budget", type=budget, default=d.budget,
+                   help="fraction of KV entries kept, in (0, 1]; 'auto': the smallest that meets --target-rouge "
+                        "on the input's first --calibration-rows good rows")
+    p.add_argument("--target-rouge", type=float, default=d.target_rouge,
+                   help="with --budget auto: the ROUGE-L F1 against the full cache's captions to meet")
+    p.add_argument("--calibration-rows", type=int, default=d.calibration_rows, help="rows --budget auto runs on")
     p.add_argument("--max-tokens", type=int, default=d.max_tokens)
     p.add_argument("--instruction", default=d.instruction, help="for rows without one")
     p.add_argument("--num-actors", type=int, default=d.num_actors)
@@ -60,6 +85,7 @@ def main(argv=None) -> None:
             write_shards(DEMO_INPUT, DEMO_ROWS, rows_per_shard=DEMO_ROWS_PER_SHARD)
     job = CaptionJob(
         input=args.input, output=args.output, model=args.model, method=args.method, budget=args.budget,
+        target_rouge=args.target_rouge, calibration_rows=args.calibration_rows,
         max_tokens=args.max_tokens, instruction=args.instruction, num_actors=args.num_actors,
         gpus_per_actor=args.gpus_per_actor, cpus_per_actor=args.cpus_per_actor, batch_size=args.batch_size,
         max_num_seqs=args.max_num_seqs,
@@ -74,9 +100,15 @@ def main(argv=None) -> None:
     except (OSError, ValueError) as e:
         p.error(f"--report-with: {e}")
     try:
-        metrics = run(job)
+        metrics = run(job, calibrate)
     except JobConfigError as e:
         p.error(str(e))
+    if "budget_calibration" in metrics:
+        c = metrics["budget_calibration"]
+        met = (f"ROUGE-L {c['rouge_l']:.3f} >= {c['target_rouge']}" if c["rouge_l"] is not None
+               else f"no budget below 1.0 met ROUGE-L {c['target_rouge']}")
+        print(f"budget auto: {c['method']} at {c['budget']} ({met} on {c['rows']} rows, {c['wall_s']:.1f} s)",
+              flush=True)
     print(summary(metrics, job), flush=True)
     if not args.no_report:
         print(f"report {caption_report(metrics, job.metrics_path, job.output, extra)}", flush=True)

@@ -18,8 +18,8 @@ from elastic_ray.eval.sweep import grid, run_cell, sweep
 from elastic_ray.kv import METHODS
 from elastic_ray.models.loading import load
 
-ABLATIONS = {"positions": ["compact"], "merge": [False], "offset": [5, 10, 50]}
-ABLATION_BUDGETS = [0.1, 0.2, 0.3, 0.5]
+ABLATIONS = {"positions": ["compact"], "merge": [False], "offset": [5, 10, 50], "protect": [16]}
+ABLATION_BUDGETS = [0.1, 0.2, 0.3, 0.5, 0.7, 0.9]
 
 
 def floats(text: str) -> list[float]:
@@ -82,7 +82,12 @@ def main(argv=None) -> None:
     cells = grid(args.methods.split(","), args.budgets,
                  None if args.no_ablations or "elastic" not in args.methods else ABLATIONS, ABLATION_BUDGETS)
     start = time.perf_counter()
-    results = sweep(model, processor, cells, samples, args.max_tokens, ray_runner(args) if args.ray else None)
+    def log(cell):
+        print(f"{cell['label']:<28} budget {cell['budget']:.2f}  ppl {cell['ppl']:.4g}  rouge_l {cell['rouge_l']:.3f}  "
+              f"accuracy {'n/a' if cell['accuracy'] is None else format(cell['accuracy'], '.3f')}", flush=True)
+
+    print(f"{len(cells)} cells x {len(samples)} samples")
+    results = sweep(model, processor, cells, samples, args.max_tokens, ray_runner(args) if args.ray else None, log)
     result = {"model": args.model, "data": args.data or "shapes (test split)", "samples": len(samples),
               "max_tokens": args.max_tokens, "wall_s": round(time.perf_counter() - start, 1), "cells": results}
     for path in write_results(result, Path(args.out)):

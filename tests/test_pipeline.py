@@ -17,13 +17,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import s3fs
+import torch
 
 from captioning import (
     MAX_PIXELS, bad_rows, check_errors, errors_by_id, good_rows, png, ray_env, read_output, save_tiny_model,
     write_rows,
 )
+from elastic_ray.data.images import decode_image
 from elastic_ray.data.shapes import CAPTION_INSTRUCTION, write_shards
-from elastic_ray.pipeline import Captions, CaptionJob, JobConfigError, check, finished_ids, prepare
+from elastic_ray.eval.samples import Sample
+from elastic_ray.eval.sweep import Cell, run_cell
+from elastic_ray.models.loading import load
+from elastic_ray.pipeline import Captions, CaptionJob, JobConfigError, check, finished_ids, input_sample, prepare
 
 REPO = Path(__file__).parents[1]
 
@@ -60,6 +65,10 @@ def shards(tmp_path):
     ({"batch_size": 2.5}, "--batch-size must be a positive integer"),
     ({"gpus_per_actor": -1}, "--gpus-per-actor must be a non-negative number"),
     ({"instruction": " "}, "instruction must be a non-empty string"),
+    ({"budget": "auto", "method": "full"}, "--budget auto chooses a budget for a compressing method"),
+    ({"budget": "auto", "target_rouge": 0}, "--target-rouge must be in \\(0, 1\\]"),
+    ({"budget": "auto", "target_rouge": 1.5}, "--target-rouge must be in \\(0, 1\\]"),
+    ({"budget": "auto", "calibration_rows": 0}, "--calibration-rows must be a positive integer"),
 ])
 def test_bad_arguments_are_refused(shards, tiny_model, tmp_path, change, message):
     job = CaptionJob(input=shards, output=str(tmp_path / "out"), model=tiny_model)
@@ -77,13 +86,17 @@ def test_a_non_empty_output_needs_resume(shards, tmp_path):
     check(replace(job, resume=True))
 
 
-def test_cli_refuses_bad_arguments_before_starting_ray(shards, tmp_path):
+@pytest.mark.parametrize("budget, message", [
+    ("2", "bad cache settings: budget must be in (0, 1]"),
+    ("half", "argument --budget: a number in (0, 1] or 'auto', got 'half'"),
+])
+def test_cli_refuses_bad_arguments_before_starting_ray(shards, tmp_path, budget, message):
     result = subprocess.run(
-        [sys.executable, "jobs/caption.py", "--input", shards, "--output", str(tmp_path / "out"), "--budget", "2"],
+        [sys.executable, "jobs/caption.py", "--input", shards, "--output", str(tmp_path / "out"), "--budget", budget],
         capture_output=True, text=True, cwd=Path(__file__).parents[1], timeout=120,
     )
     assert result.returncode == 2
-    assert "bad cache settings: budget must be in (0, 1]" in result.stderr
+    assert message in result.stderr
     assert "Ray" not in result.stderr + result.stdout
     assert not (tmp_path / "out").exists()
 
@@ -156,6 +169,30 @@ def test_prepare_skips_finished_ids(shards, tmp_path):
     assert prepared.column("id").to_pylist() == ids[2:]
 
 
+def test_input_sample_is_the_first_rows_prepare_passes_as_engine_requests(tmp_path):
+    expected = bad_rows()
+    write_rows(tmp_path / "in" / "a.parquet", [row for row, _ in expected])
+    write_rows(tmp_path / "in" / "b.parquet", good_rows(5))
+    job = CaptionJob(input=str(tmp_path / "in"), output=str(tmp_path / "out"), max_pixels=MAX_PIXELS)
+    found = check(job)
+    passed = [row for row, error in expected if error is None or error.startswith("refused by the engine")]
+    sample = input_sample(job, found, len(passed) + 2)
+    assert [r["id"] for r in sample] == [r["id"] for r in passed] + ["row-000", "row-001"]
+    assert [r["prompt"] for r in sample] == [r["instruction"] or CAPTION_INSTRUCTION for r in passed] \
+        + [CAPTION_INSTRUCTION] * 2
+    assert all(r["image"].mode == "RGB" and r["image"].size == (32, 32) for r in sample)
+    assert [r["id"] for r in input_sample(job, found, 1)] == ["good-default"]
+
+
+def test_input_sample_of_an_image_folder(tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "0-broken.png").write_bytes(b"\x89PNG broken")
+    for i in range(1, 4):
+        (tmp_path / "in" / f"{i}.png").write_bytes(png(i))
+    job = CaptionJob(input=str(tmp_path / "in"), output=str(tmp_path / "out"))
+    assert [r["id"] for r in input_sample(job, check(job), 2)] == ["1.png", "2.png"]
+
+
 def test_finished_ids_drops_files_cut_short(tmp_path):
     write_rows(tmp_path / "a.parquet", good_rows(3))
     data = (tmp_path / "a.parquet").read_bytes()
@@ -219,20 +256,20 @@ def test_run_on_two_nodes_flags_bad_rows_and_writes_each_id_once(cluster, tiny_m
     out = tmp_path / "out"
     result = caption(cluster, "--input", tmp_path / "in", "--output", out, "--model", tiny_model, "--max-tokens", 4,
                      "--num-actors", 2, "--batch-size", 3, "--max-pixels", MAX_PIXELS, "--rows-per-file", 5)
-    assert "captioned 24 rows (9 errors)" in result.stdout
+    assert "captioned 25 rows (10 errors)" in result.stdout
     table = read_output(str(out))
-    assert table.num_rows == 24
+    assert table.num_rows == 25
     assert sorted(map(str, table.column("id").to_pylist())) == sorted(
         [str(r["id"]) for r, _ in expected] + [f"row-{i:03d}" for i in range(13)])
     check_errors(table, expected)
     assert set(table.column("method").to_pylist()) == {"elastic"} and set(table.column("budget").to_pylist()) == {0.5}
     metrics = json.loads((tmp_path / "out.metrics.json").read_text())
-    assert (metrics["rows"], metrics["errors"], metrics["rows_in"], metrics["rows_out"]) == (24, 9, 24, 24)
+    assert (metrics["rows"], metrics["errors"], metrics["rows_in"], metrics["rows_out"]) == (25, 10, 25, 25)
     assert metrics["output_tokens"] == sum(v for v in table.column("output_tokens").to_pylist() if v)
     assert metrics["rows_per_s"] > 0 and 0 < metrics["kv_bytes_per_seq"] < metrics["kv_bytes_full_per_seq"]
     assert metrics["num_actors"] == 2 and metrics["nodes"] == 2
     assert all(a["rows"] > 0 and a["starts"] == 1 for a in metrics["actors"])
-    assert sum(a["rows"] for a in metrics["actors"]) == 24
+    assert sum(a["rows"] for a in metrics["actors"]) == 25
 
 
 def _captioner_pids(raylets: list[int]) -> list[int]:
@@ -327,3 +364,38 @@ def _parquet_bytes(rows: list[dict], schema: pa.Schema) -> bytes:
     sink = pa.BufferOutputStream()
     pq.write_table(pa.Table.from_pylist(rows, schema=schema), sink)
     return sink.getvalue().to_pybytes()
+
+
+def test_budget_auto_calibrates_on_the_input_and_captions_at_its_choice(cluster, tmp_path):
+    write_shards(tmp_path / "in", 12, rows_per_shard=6)
+    out, target, rows, max_tokens = tmp_path / "out", 0.8, 8, 24
+    result = caption(cluster, "--input", tmp_path / "in", "--output", out, "--method", "h2o", "--budget", "auto",
+                     "--target-rouge", target, "--calibration-rows", rows, "--max-tokens", max_tokens)
+    metrics = json.loads((tmp_path / "out.metrics.json").read_text())
+    choice = metrics["budget_calibration"]
+    assert (choice["method"], choice["target_rouge"], choice["rows"]) == ("h2o", target, rows)
+    tried = choice["tried"]
+    assert [t["budget"] for t in tried] == [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9][:len(tried)]
+    assert all(t["rouge_l"] < target for t in tried[:-1])
+    if choice["rouge_l"] is None:  # nothing below 1.0 met the target: the full cache's budget
+        assert choice["budget"] == 1.0 and len(tried) == 9 and tried[-1]["rouge_l"] < target
+    else:
+        assert choice["budget"] == tried[-1]["budget"] and choice["rouge_l"] == tried[-1]["rouge_l"] >= target
+    assert metrics["budget"] == choice["budget"]
+    assert set(read_output(str(out)).column("budget").to_pylist()) == {choice["budget"]}
+    assert f"budget auto: h2o at {choice['budget']}" in result.stdout
+
+    # The recorded figures are measurements: the first tried budget, re-run here on the same rows
+    # (one thread, as in the Ray task), scores the same ROUGE-L.
+    table = pq.read_table(tmp_path / "in").slice(0, rows).to_pylist()
+    samples = [Sample(r["id"], decode_image(r["image"]), r["instruction"], "", "reference") for r in table]
+    model, processor = load("demo")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _, full = run_cell(model, processor, Cell("full", 1.0), samples, max_tokens, score_ppl=False)
+        first, _ = run_cell(model, processor, Cell("h2o", tried[0]["budget"]), samples, max_tokens, full,
+                            score_ppl=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert first["rouge_l"] == pytest.approx(tried[0]["rouge_l"])

@@ -54,8 +54,8 @@ def run_cell(model, processor, cell: Cell, samples: list[Sample], max_tokens: in
     is scored from the full prompt pass, every later one against the compressed cache with the
     generation-stage rule applied after each step.
     """
-    forced = [answer_tokens(processor, s) for s in samples]
-    config = engine or EngineConfig(max_tokens=max(max_tokens, *map(len, forced)))
+    forced = [answer_tokens(processor, s) for s in samples] if score_ppl else []
+    config = engine or EngineConfig(max_tokens=max([max_tokens, *map(len, forced)]))
     runner = Engine(model, processor, cell.cache().policy, config)
     requests = [{"image": s.image, "prompt": s.instruction} for s in samples]
     greedy = runner.generate(requests, SamplingParams(max_tokens=max_tokens))
@@ -87,17 +87,23 @@ def teacher_forced(engine: Engine, requests: list[dict], forced: list[list[int]]
     return [scored[i].stats["logprobs"] for i in ids]
 
 
-def sweep(model, processor, cells: list[Cell], samples: list[Sample], max_tokens: int, run_cells=None) -> list[dict]:
+def sweep(model, processor, cells: list[Cell], samples: list[Sample], max_tokens: int, run_cells=None,
+          log=lambda cell: None) -> list[dict]:
     """Run the full-cache cell first, then every other cell against its outputs.
 
     `run_cells(cells, full_outputs)` may run the cells elsewhere (on Ray, in parallel); by
-    default they run here, one after the other.
+    default they run here, one after the other, each passed to `log` when done.
     """
     if cells[0] != Cell(*FULL):
         raise ValueError("a sweep starts with the full cache: it is the reference for ROUGE-L")
 
     def here(rest, full_outputs):
-        return [run_cell(model, processor, cell, samples, max_tokens, full_outputs)[0] for cell in rest]
+        results = []
+        for cell in rest:
+            results.append(run_cell(model, processor, cell, samples, max_tokens, full_outputs)[0])
+            log(results[-1])
+        return results
 
     full, full_outputs = run_cell(model, processor, cells[0], samples, max_tokens)
+    log(full)
     return [full, *(run_cells or here)(cells[1:], full_outputs)]
