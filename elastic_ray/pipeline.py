@@ -71,6 +71,7 @@ class CaptionJob:
     cpus_per_actor: float = 1.0
     batch_size: int = 64
     max_num_seqs: int = 16
+    kv_cache_memory: int | float = 0.25  # per actor: bytes, or a fraction of the device's free memory
     resume: bool = False
     id_column: str = "id"
     image_column: str = "image"
@@ -128,6 +129,9 @@ def check(job: CaptionJob) -> Input:
         _positive("--" + name.replace("_", "-"), getattr(job, name))
     _positive("--gpus-per-actor", job.gpus_per_actor, integer=False, zero=True)
     _positive("--cpus-per-actor", job.cpus_per_actor, integer=False)
+    _positive("--kv-cache-memory", job.kv_cache_memory, integer=False)
+    if isinstance(job.kv_cache_memory, float) and job.kv_cache_memory > 1:
+        raise JobConfigError(f"--kv-cache-memory as a fraction must be at most 1, got {job.kv_cache_memory!r}")
     auto = job.budget == "auto"
     if auto and job.method == "full":
         raise JobConfigError("--budget auto chooses a budget for a compressing method; --method full keeps "
@@ -311,11 +315,11 @@ class ActorStats:
     def __init__(self):
         self.actors: dict[str, dict] = {}
 
-    def started(self, key: str, node: str, pid: int, load_s: float) -> None:
+    def started(self, key: str, node: str, pid: int, load_s: float, engine: dict) -> None:
         entry = self.actors.setdefault(key, {"node": node, "pid": pid, "starts": 0, "load_s": [], "batches": 0,
                                              "rows": 0, "errors": 0, "prompt_tokens": 0, "output_tokens": 0,
                                              "kv_bytes": 0, "kv_bytes_full": 0, "engine_s": 0.0})
-        entry.update(node=node, pid=pid)
+        entry.update(node=node, pid=pid, **engine)
         entry["starts"] += 1
         entry["load_s"].append(round(load_s, 3))
 
@@ -341,9 +345,16 @@ def build_llm(job: CaptionJob) -> LLM:
     row), so only each batch's last rows run with slots idle."""
     model, processor = load_model(job)
     context = model.config.get_text_config().max_position_embeddings
-    engine = EngineConfig(max_num_seqs=job.max_num_seqs, max_tokens=job.max_tokens,
+    engine = EngineConfig(kv_cache_memory=job.kv_cache_memory, max_num_seqs=job.max_num_seqs, max_tokens=job.max_tokens,
                           max_prompt_tokens=min(default_prompt_tokens(model), context - job.max_tokens))
     return LLM((model, processor), cache=CacheConfig(job.method, job.budget), engine=engine)
+
+
+def engine_slots(llm: LLM) -> dict:
+    """What an actor's engine packs: its slots, and the slots its KV budget would hold with a full cache."""
+    engine = llm.engine
+    return {"slots": engine.num_slots, "slot_bytes": engine.slot_size * engine.entry_bytes,
+            "full_slots": engine.slots_for(CacheConfig("full", 1.0).policy), "kv_budget_bytes": engine.kv_budget_bytes}
 
 
 def sampling(job: CaptionJob) -> SamplingParams:
@@ -398,7 +409,8 @@ class Captioner:
         self.captions, self.stats = Captions(job), stats
         context = ray.get_runtime_context()
         self.key = context.get_actor_id()
-        ray.get(stats.started.remote(self.key, context.get_node_id(), os.getpid(), time.perf_counter() - start))
+        ray.get(stats.started.remote(self.key, context.get_node_id(), os.getpid(), time.perf_counter() - start,
+                                     engine_slots(self.captions.llm)))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         table, numbers = self.captions(batch)
@@ -566,11 +578,18 @@ def _metrics(job: CaptionJob, found: Input, written: pa.Table, ids: pa.ChunkedAr
         "latency_ms_p95": round(float(np.percentile(latency, 95)), 3) if len(latency) else None,
         "num_actors": len(actors),
         "nodes": len({a["node"] for a in actors.values()}),
+        # slots per actor (one device each): the engine's, and a full cache's in the same KV budget
+        "slots_per_actor": _mean([a["slots"] for a in actors.values()]),
+        "full_slots_per_actor": _mean([a["full_slots"] for a in actors.values()]),
         "actors": [{"actor": key, **a, "engine_s": round(a["engine_s"], 3),
                     "captions_per_engine_s": round((a["rows"] - a["errors"]) / a["engine_s"], 3) if a["engine_s"]
                     else None}
                    for key, a in sorted(actors.items())],
     }
+
+
+def _mean(values: list) -> float | None:
+    return round(sum(values) / len(values), 2) if values else None
 
 
 def summary(metrics: dict, job: CaptionJob) -> str:

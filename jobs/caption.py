@@ -29,6 +29,13 @@ def budget(text: str) -> float | str:
         raise argparse.ArgumentTypeError(f"a number in (0, 1] or 'auto', got {text!r}") from None
 
 
+def memory(text: str) -> int | float:
+    try:
+        return float(text) if "." in text else int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bytes (an integer) or a fraction (0.25), got {text!r}") from None
+
+
 def calibrate(job: CaptionJob, requests: list[dict]) -> dict:
     """Auto-budget on the job's own rows: the smallest budget whose greedy captions score
     `job.target_rouge` ROUGE-L against the full cache's. Runs as a Ray task (see `run`)."""
@@ -58,6 +65,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--cpus-per-actor", type=float, default=d.cpus_per_actor)
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="rows per call to a caption actor")
     p.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs, help="sequences each engine runs at once")
+    p.add_argument("--kv-cache-memory", type=memory, default=d.kv_cache_memory,
+                   help="each engine's KV memory: bytes (an integer) or a fraction of the device's free memory "
+                        "(a number with a point); it sets the slots, at most --max-num-seqs")
     p.add_argument("--resume", action="store_true", help="finish a run into a non-empty output")
     p.add_argument("--id-column", default=d.id_column)
     p.add_argument("--image-column", default=d.image_column, help="encoded image bytes")
@@ -88,7 +98,7 @@ def main(argv=None) -> None:
         target_rouge=args.target_rouge, calibration_rows=args.calibration_rows,
         max_tokens=args.max_tokens, instruction=args.instruction, num_actors=args.num_actors,
         gpus_per_actor=args.gpus_per_actor, cpus_per_actor=args.cpus_per_actor, batch_size=args.batch_size,
-        max_num_seqs=args.max_num_seqs,
+        max_num_seqs=args.max_num_seqs, kv_cache_memory=args.kv_cache_memory,
         resume=args.resume, id_column=args.id_column, image_column=args.image_column,
         image_path_column=args.image_path_column, instruction_column=args.instruction_column,
         endpoint_url=args.endpoint_url, allow_images_from=tuple(args.allow_images_from),

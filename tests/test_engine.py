@@ -75,6 +75,10 @@ def test_slots_follow_from_the_memory_budget_and_compression_buys_more_of_them(t
     assert engines[1.0].slot_size == 160
     assert engines[0.2].num_slots >= 4 * engines[1.0].num_slots
     assert engines[0.5].num_slots >= 1.9 * engines[1.0].num_slots
+    full = Engine(*tiny_llava, CacheConfig("full").policy, config)
+    for engine in engines.values():  # what each engine's budget would hold with the full cache
+        assert engine.slots_for(full.policy) == full.num_slots
+        assert engine.slots_for(engine.policy) == engine.num_slots
 
 
 def test_memory_budget_as_a_fraction_of_free_memory(tiny_llava):

@@ -64,6 +64,8 @@ def shards(tmp_path):
     ({"num_actors": 0}, "--num-actors must be a positive integer"),
     ({"batch_size": 2.5}, "--batch-size must be a positive integer"),
     ({"gpus_per_actor": -1}, "--gpus-per-actor must be a non-negative number"),
+    ({"kv_cache_memory": 0}, "--kv-cache-memory must be a positive number"),
+    ({"kv_cache_memory": 1.5}, "--kv-cache-memory as a fraction must be at most 1"),
     ({"instruction": " "}, "instruction must be a non-empty string"),
     ({"budget": "auto", "method": "full"}, "--budget auto chooses a budget for a compressing method"),
     ({"budget": "auto", "target_rouge": 0}, "--target-rouge must be in \\(0, 1\\]"),

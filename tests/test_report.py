@@ -60,7 +60,7 @@ def caption(work, evaluation) -> dict:
     out = work / "captions"
     result = subprocess.run(
         [sys.executable, "jobs/caption.py", "--input", str(work / "in"), "--output", str(out), "--max-tokens", "8",
-         "--batch-size", "3", "--no-progress", "--report-with", str(evaluation)],
+         "--batch-size", "3", "--kv-cache-memory", "8000000", "--no-progress", "--report-with", str(evaluation)],
         cwd=REPO, env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return {"out": out, "stdout": result.stdout, "report": work / "captions.report",
@@ -121,9 +121,13 @@ def test_caption_job_writes_its_report_with_figures_from_its_metrics(caption, ev
     assert figure(row, "rows_per_s_per_actor")["value"] == pytest.approx(metrics["rows_per_s"] / metrics["num_actors"])
     assert figure(row, "kv_packing_factor")["value"] == pytest.approx(
         metrics["kv_bytes_full_per_seq"] / metrics["kv_bytes_per_seq"])
-    for name in ("slots_per_device", "slots_per_device_full", "slots_packing_factor"):
-        assert figure(row, name)["value"] is None and figure(row, name)["status"] == "not measured"
-        assert figure(row, name)["reason"]
+    # 8 MB of KV memory: fewer full-cache slots than elastic 0.5 ones
+    (actor,) = metrics["actors"]
+    assert metrics["slots_per_actor"] == actor["slots"] and metrics["full_slots_per_actor"] == actor["full_slots"]
+    assert 0 < actor["full_slots"] < actor["slots"] and actor["slots"] * actor["slot_bytes"] <= 8_000_000
+    assert_measured(row, "slots_per_device", metrics, src, "slots_per_actor")
+    assert_measured(row, "slots_per_device_full", metrics, src, "full_slots_per_actor")
+    assert figure(row, "slots_packing_factor")["value"] == pytest.approx(actor["slots"] / actor["full_slots"])
     assert "rows_per_s_per_gpu" not in row["figures"]  # a CPU run
     for entry, actor in zip(row["actors"], metrics["actors"], strict=True):
         assert entry["captions_per_engine_s"]["value"] == actor["captions_per_engine_s"]
@@ -147,6 +151,16 @@ def test_gpu_runs_are_priced_per_gpu_hour(caption, tmp_path):
     assert figure(row, "cost_per_million_captions")["value"] == pytest.approx(4.0 * gpu_hours / metrics["rows"] * 1e6)
     for entry, actor in zip(row["actors"], metrics["actors"]):
         assert entry["captions_per_engine_s_per_gpu"]["value"] == pytest.approx(actor["captions_per_engine_s"] / 0.5)
+
+
+def test_a_run_whose_metrics_lack_slots_shows_them_as_not_measured(caption, tmp_path):
+    metrics = json.loads(caption["metrics_path"].read_text())
+    del metrics["slots_per_actor"], metrics["full_slots_per_actor"]
+    build([caption_run(metrics, "old.metrics.json")], tmp_path)
+    (row,) = json.loads((tmp_path / "report.json").read_text())["rows"]
+    for name in ("slots_per_device", "slots_per_device_full", "slots_packing_factor"):
+        assert figure(row, name)["value"] is None and figure(row, name)["status"] == "not measured"
+        assert "slots_per_actor" in figure(row, name)["reason"]
 
 
 def test_a_figure_derived_from_an_unmeasured_one_is_not_measured():

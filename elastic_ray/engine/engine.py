@@ -52,14 +52,14 @@ class Engine:
         self.entry_bytes = self.family.entry_bytes(param.element_size())
         self.slot_size = policy.peak_entries(self.max_prompt_tokens, config.max_tokens)
         memory = config.kv_cache_memory
-        budget_bytes = int(memory * free_memory(param.device)) if isinstance(memory, float) else memory
-        num_slots = min(config.max_num_seqs, budget_bytes // (self.slot_size * self.entry_bytes))
+        self.kv_budget_bytes = int(memory * free_memory(param.device)) if isinstance(memory, float) else memory
+        num_slots = self.slots_for(policy)
         if num_slots < 1:
             raise ValueError(
-                f"kv_cache_memory of {budget_bytes} bytes holds no slot of {self.slot_size * self.entry_bytes} bytes "
-                f"({self.slot_size} entries for {self.max_prompt_tokens} prompt + {config.max_tokens} new tokens)"
+                f"kv_cache_memory of {self.kv_budget_bytes} bytes holds no slot of "
+                f"{self.slot_size * self.entry_bytes} bytes ({self.slot_size} entries for "
+                f"{self.max_prompt_tokens} prompt + {config.max_tokens} new tokens)"
             )
-        self.kv_budget_bytes = budget_bytes
         slots = KVSlots(len(self.family.attentions), num_slots, self.slot_size, self.family.kv_heads,
                         self.family.head_dim, param.dtype, param.device, with_scores=policy.decode_scores)
         self.runner = ModelRunner(model, self.family, policy, slots, self.tokenizer.pad_token_id)
@@ -71,6 +71,12 @@ class Engine:
     @property
     def num_slots(self) -> int:
         return self.scheduler.num_slots
+
+    def slots_for(self, policy: CachePolicy) -> int:
+        """The slots this engine's KV budget holds under `policy`, for the same prompt and output limits
+        (with the full cache's policy: what compression gained)."""
+        slot_bytes = policy.peak_entries(self.max_prompt_tokens, self.config.max_tokens) * self.entry_bytes
+        return min(self.config.max_num_seqs, self.kv_budget_bytes // slot_bytes)
 
     @property
     def kv_allocated_bytes(self) -> int:

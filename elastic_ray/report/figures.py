@@ -66,6 +66,13 @@ def _per_hour_and_cost(f: dict[str, Figure], gpu: bool, price: Figure) -> None:
                                        s=f["slots_per_device"], full=f["slots_per_device_full"])
 
 
+def _recorded(d: dict, key: str, unit: str, src: str) -> Figure:
+    """A metrics field that runs from before it was recorded lack."""
+    if d.get(key) is None:
+        return not_measured(unit, f"the run's metrics have no {key}")
+    return measured(d[key], unit, src, key)
+
+
 def caption_rows(run: Run, price: Figure, evaluations: dict) -> list[Row]:
     """A caption run: its metrics file's totals, per-actor numbers and cost."""
     d, src = run.data, run.source
@@ -82,8 +89,8 @@ def caption_rows(run: Run, price: Figure, evaluations: dict) -> list[Row]:
         "gpus_per_actor": setting(gpus, "GPUs", src, "settings.gpus_per_actor"),
         "kv_bytes_per_seq": measured(d["kv_bytes_per_seq"], "bytes", src, "kv_bytes_per_seq"),
         "kv_bytes_full_per_seq": measured(d["kv_bytes_full_per_seq"], "bytes", src, "kv_bytes_full_per_seq"),
-        "slots_per_device": not_measured("slots", "the caption job's metrics do not record its engines' slots"),
-        "slots_per_device_full": not_measured("slots", "the caption job's metrics do not record its engines' slots"),
+        "slots_per_device": _recorded(d, "slots_per_actor", "slots", src),
+        "slots_per_device_full": _recorded(d, "full_slots_per_actor", "slots", src),
     }
     _per_hour_and_cost(f, gpus > 0, price)
     f |= quality(d["model"], d["method"], d["budget"], evaluations)
