@@ -117,7 +117,7 @@ def run_generate(model, processor, requests, max_tokens: int, kv_budget_bytes: i
             out = model.generate(**inputs, max_new_tokens=max_tokens, do_sample=False,
                                  eos_token_id=None, pad_token_id=processor.tokenizer.pad_token_id,
                                  return_dict_in_generate=True)
-        cache = out.past_key_values
+        cache = out.cache if "cache" in out else out.past_key_values  # renamed in transformers 5.24
         peak = max(peak, sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers))
         generated += (out.sequences.shape[1] - inputs["input_ids"].shape[1]) * out.sequences.shape[0]
     wall = time.perf_counter() - start

@@ -26,12 +26,11 @@ import ray
 from PIL import Image
 from pyarrow.fs import FSSpecHandler, PyFileSystem
 from ray.data import ActorPoolStrategy, DataContext
-from transformers import AutoConfig
 
 from elastic_ray import LLM, CacheConfig, EngineConfig, SamplingParams
 from elastic_ray.data.images import IMAGE_EXTENSIONS, MAX_PIXELS, ImageError, ImageSource, decode_image
 from elastic_ray.data.shapes import CAPTION_INSTRUCTION
-from elastic_ray.models.loading import load, resolve
+from elastic_ray.models.loading import check_local_model, load
 from elastic_ray.models.prompts import default_prompt_tokens
 
 OUTPUT_SCHEMA = pa.schema([
@@ -152,18 +151,10 @@ def check(job: CaptionJob) -> Input:
 
 
 def _check_model(job: CaptionJob) -> None:
-    """A local model must exist and leave room for a prompt after `max_tokens`; hub ids are not looked up."""
     try:
-        path = resolve(job.model)
-    except FileNotFoundError as e:
-        raise JobConfigError(str(e)) from e
-    if os.path.isdir(path):
-        context = AutoConfig.from_pretrained(path).get_text_config().max_position_embeddings
-        if job.max_tokens >= context:
-            raise JobConfigError(f"--max-tokens {job.max_tokens} leaves no room for a prompt in the model's "
-                                 f"{context}-token context")
-    elif path.startswith(("/", ".", "~")):
-        raise JobConfigError(f"model path not found: {job.model}")
+        check_local_model(job.model, job.max_tokens)
+    except ValueError as e:
+        raise JobConfigError(f"--model, --max-tokens: {e}") from e
 
 
 def inspect_input(job: CaptionJob) -> Input:

@@ -33,13 +33,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ray import serve
 from ray.serve.config import BackpressureConfig
 from starlette.exceptions import HTTPException
-from transformers import AutoConfig
 
 from elastic_ray.config import CacheConfig, EngineConfig, SamplingParams
 from elastic_ray.data.images import MAX_PIXELS, ImageError, ImageSource, data_url_bytes, decode_image
 from elastic_ray.engine.engine import Engine
 from elastic_ray.kv import METHODS
-from elastic_ray.models.loading import load, resolve
+from elastic_ray.models.loading import check_local_model, load
 from elastic_ray.models.prompts import default_prompt_tokens
 from elastic_ray.outputs import RequestOutput
 
@@ -106,14 +105,7 @@ class ServeConfig(BaseModel):
 
 def check_model(config: ServeConfig) -> None:
     """The model resolves, and a local one leaves room for a prompt after `max_tokens` (ValueError)."""
-    path = resolve(config.model)
-    if os.path.isdir(path):
-        context = AutoConfig.from_pretrained(path).get_text_config().max_position_embeddings
-        if config.max_tokens >= context:
-            raise ValueError(f"max_tokens {config.max_tokens} leaves no room for a prompt in {config.model}'s "
-                             f"{context}-token context")
-    elif path.startswith(("/", ".", "~")):
-        raise ValueError(f"model path not found: {config.model}")
+    check_local_model(config.model, config.max_tokens)
 
 
 # --- The API's request and errors -----------------------------------------------------------

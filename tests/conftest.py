@@ -1,5 +1,9 @@
 """Shared fixtures: tiny random VLMs built offline, and a batch of prompts that needs left padding."""
 
+import contextlib
+import http.server
+import threading
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -51,3 +55,32 @@ def encode(model_and_processor, images, instructions=INSTRUCTIONS):
     _, processor = model_and_processor
     prompts = [build_prompt(processor, text) for text in instructions]
     return processor(images=list(images[: len(prompts)]), text=prompts, return_tensors="pt", padding=True)
+
+
+@contextlib.contextmanager
+def http_image_server(image: bytes, paths: set[str], redirects: dict[str, str]):
+    """On 127.0.0.1: `image` at `paths`, a 302 to `redirects[path]` at those, 404 elsewhere; yields
+    the base URL."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.path in redirects:
+                self.send_response(302)
+                self.send_header("Location", redirects[self.path])
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            self.send_response(200 if self.path in paths else 404)
+            self.send_header("Content-Length", str(len(image)))
+            self.end_headers()
+            self.wfile.write(image)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()

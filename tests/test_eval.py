@@ -11,7 +11,7 @@ from PIL import Image
 
 from elastic_ray.eval.metrics import perplexity, rouge_l, shapes_accuracy
 from elastic_ray.eval.results import write_results
-from elastic_ray.eval.samples import Sample, parquet_samples, shapes_samples
+from elastic_ray.eval.samples import parquet_samples, shapes_samples
 from elastic_ray.eval.sweep import Cell, answer_tokens, grid, run_cell, sweep
 from elastic_ray.models.prompts import build_prompt
 

@@ -1,15 +1,14 @@
 """Safe image loading: every kind of bad image is an ImageError, the pixel limit is checked on the
 header before decoding, and paths outside the allow-list are never read."""
 
-import http.server
 import io
 import struct
-import threading
 import zlib
 
 import pytest
 from PIL import Image
 
+from conftest import http_image_server
 from elastic_ray.data.images import ImageError, ImageSource, decode_image
 
 
@@ -103,35 +102,13 @@ def test_extreme_aspect_ratios_are_refused():
 
 
 def test_source_does_not_follow_http_redirects_out_of_the_allowed_prefix():
-    image = encoded(Image.new("RGB", (9, 7)))
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            if self.path == "/allowed/moved.png":
-                self.send_response(302)
-                self.send_header("Location", "/private/a.png")
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-                return
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(image)))
-            self.end_headers()
-            self.wfile.write(image)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{server.server_address[1]}"
+    paths, redirects = {"/allowed/a.png", "/private/a.png"}, {"/allowed/moved.png": "/private/a.png"}
+    with http_image_server(encoded(Image.new("RGB", (9, 7))), paths, redirects) as url:
         source = ImageSource(allowed=(f"{url}/allowed/",))
         assert source.load(f"{url}/allowed/a.png").size == (9, 7)
-        with pytest.raises(ImageError):  # the 302's empty body, never the redirect's target
+        with pytest.raises(ImageError, match="empty image"):  # the 302's empty body, not its target
             source.load(f"{url}/allowed/moved.png")
         assert decode_image(ImageSource(allowed=(url,)).read(f"{url}/private/a.png")).size == (9, 7)
-    finally:
-        server.shutdown()
 
 
 def test_source_refuses_files_over_the_byte_limit(tmp_path):

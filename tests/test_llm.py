@@ -1,7 +1,6 @@
 """The public API: LLM(model, cache=...).generate(requests, SamplingParams(...))."""
 
 import pytest
-import torch
 
 from conftest import INSTRUCTIONS
 from elastic_ray import LLM, CacheConfig, EngineConfig, SamplingParams

@@ -8,7 +8,6 @@ backpressure. Answers are checked against `LLM.generate` of the same requests.
 
 import asyncio
 import base64
-import http.server
 import json
 import os
 import secrets
@@ -17,7 +16,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -31,6 +29,7 @@ from elastic_ray.data.images import decode_image
 from elastic_ray.data.shapes import CAPTION_INSTRUCTION, make_scenes, png_bytes
 from elastic_ray.models.loading import load
 from elastic_ray.serving import settled_text
+from conftest import http_image_server
 from test_images import png_header_only
 
 REPO = Path(__file__).parents[1]
@@ -62,27 +61,9 @@ def scenes():
 @pytest.fixture(scope="module")
 def image_server(scenes):
     """Serves /allowed/scene.png, /allowed/redirect (to /other/scene.png) and /other/scene.png."""
-    png = png_bytes(scenes[0].image)
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            if self.path == "/allowed/redirect":
-                self.send_response(302)
-                self.send_header("Location", "/other/scene.png")
-                self.end_headers()
-                return
-            self.send_response(200 if self.path.endswith("/scene.png") else 404)
-            self.send_header("Content-Length", str(len(png)))
-            self.end_headers()
-            self.wfile.write(png)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
+    with http_image_server(png_bytes(scenes[0].image), {"/allowed/scene.png", "/other/scene.png"},
+                           {"/allowed/redirect": "/other/scene.png"}) as url:
+        yield url
 
 
 def start_serve_job(args: list[str], env: dict, log: Path) -> tuple[subprocess.Popen, str]:

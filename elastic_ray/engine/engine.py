@@ -10,7 +10,7 @@ from elastic_ray.config import EngineConfig, SamplingParams
 from elastic_ray.engine.runner import ModelRunner
 from elastic_ray.engine.sampler import sample
 from elastic_ray.engine.scheduler import Scheduler
-from elastic_ray.engine.sequence import Sequence, Status
+from elastic_ray.engine.sequence import Sequence
 from elastic_ray.engine.slots import KVSlots
 from elastic_ray.hf.generate import check_positions
 from elastic_ray.kv.policy import CachePolicy

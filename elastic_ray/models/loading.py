@@ -44,6 +44,22 @@ def resolve(name_or_path: str) -> str:
     return str(name_or_path)
 
 
+def check_local_model(name_or_path: str, max_tokens: int) -> None:
+    """A local model must exist and leave room for a prompt after `max_tokens` new tokens
+    (ValueError); hub ids are not looked up."""
+    try:
+        path = resolve(name_or_path)
+    except FileNotFoundError as e:
+        raise ValueError(str(e)) from e
+    if Path(path).is_dir():
+        context = AutoConfig.from_pretrained(path).get_text_config().max_position_embeddings
+        if max_tokens >= context:
+            raise ValueError(f"max_tokens {max_tokens} leaves no room for a prompt in {name_or_path}'s "
+                             f"{context}-token context")
+    elif path.startswith(("/", ".", "~")):
+        raise ValueError(f"model path not found: {name_or_path}")
+
+
 def load_processor(path: str, model_type: str):
     """AutoProcessor; for Qwen-VL without torchvision (or a saved image-only one), the image half alone."""
     try:
