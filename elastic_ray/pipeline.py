@@ -61,6 +61,7 @@ class CaptionJob:
     model: str = "demo"
     method: str = "elastic"
     budget: float | str = 0.5  # or "auto": calibrated on the input, see `run`
+    cache_options: tuple[tuple[str, object], ...] = ()  # the method's options, e.g. (("protect", 16),)
     target_rouge: float = 0.9
     calibration_rows: int = 32
     max_tokens: int = 64
@@ -136,7 +137,7 @@ def check(job: CaptionJob) -> Input:
         raise JobConfigError("--budget auto chooses a budget for a compressing method; --method full keeps "
                              "every entry")
     try:
-        CacheConfig(job.method, 0.5 if auto else job.budget)
+        CacheConfig(job.method, 0.5 if auto else job.budget, **dict(job.cache_options))
     except (ValueError, TypeError) as e:
         raise JobConfigError(f"bad cache settings: {e}") from e
     if auto and (isinstance(job.target_rouge, bool) or not isinstance(job.target_rouge, (int, float))
@@ -338,7 +339,7 @@ def build_llm(job: CaptionJob) -> LLM:
     context = model.config.get_text_config().max_position_embeddings
     engine = EngineConfig(kv_cache_memory=job.kv_cache_memory, max_num_seqs=job.max_num_seqs, max_tokens=job.max_tokens,
                           max_prompt_tokens=min(default_prompt_tokens(model), context - job.max_tokens))
-    return LLM((model, processor), cache=CacheConfig(job.method, job.budget), engine=engine)
+    return LLM((model, processor), cache=CacheConfig(job.method, job.budget, **dict(job.cache_options)), engine=engine)
 
 
 def engine_slots(llm: LLM) -> dict:

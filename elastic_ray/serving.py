@@ -23,7 +23,7 @@ import time
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Annotated, Callable, Literal
+from typing import Annotated, Any, Callable, Literal
 
 import torch
 from fastapi import FastAPI, Request
@@ -63,6 +63,7 @@ class ServeConfig(BaseModel):
     served_model_name: str | None = None
     method: str = "elastic"
     budget: float = 0.5
+    cache_options: dict[str, Any] = Field(default_factory=dict)  # the default method's options
     max_tokens: int = Field(128, ge=1)
     max_num_seqs: int = Field(16, ge=1)
     kv_cache_memory: int | float = 0.25
@@ -90,9 +91,14 @@ class ServeConfig(BaseModel):
                 raise ValueError(f"image URL prefixes must look like http(s)://host/path/, got {prefix!r}")
         return value
 
+    @field_validator("cache_options", mode="before")
+    @classmethod
+    def _json(cls, value):
+        return json.loads(value) if isinstance(value, str) else value  # `serve run ... cache_options='{...}'`
+
     @model_validator(mode="after")
     def _check(self):
-        CacheConfig(self.method, self.budget)
+        CacheConfig(self.method, self.budget, **self.cache_options)
         EngineConfig(kv_cache_memory=self.kv_cache_memory, max_num_seqs=self.max_num_seqs, max_tokens=self.max_tokens)
         if self.max_replicas is not None and self.max_replicas < self.num_replicas:
             raise ValueError(f"max_replicas {self.max_replicas} is below num_replicas {self.num_replicas}")
@@ -173,6 +179,7 @@ class ChatRequest(BaseModel):
     ignore_eos: bool = False
     method: str | None = None
     budget: float | None = None
+    cache_options: dict[str, Any] | None = None
 
 
 def parse_request(body: bytes) -> ChatRequest:
@@ -237,9 +244,16 @@ def prepare(chat: ChatRequest, config: ServeConfig) -> Prepared:
     method = chat.method or config.method
     budget = chat.budget if chat.budget is not None else 1.0 if method == "full" else config.budget
     try:
-        cache = CacheConfig(method, budget)
+        CacheConfig(method, budget)
     except ValueError as e:
         raise APIError(400, str(e), "method" if method not in METHODS else "budget") from None
+    # the server's options belong to its default method; a request may give its own
+    options = chat.cache_options if chat.cache_options is not None else \
+        config.cache_options if method == config.method else {}
+    try:
+        cache = CacheConfig(method, budget, **options)
+    except (ValueError, TypeError) as e:
+        raise APIError(400, f"cache_options: {e}", "cache_options") from None
     max_tokens = chat.max_completion_tokens or chat.max_tokens or config.max_tokens
     if max_tokens > config.max_tokens:
         param = "max_completion_tokens" if chat.max_completion_tokens else "max_tokens"
@@ -311,7 +325,7 @@ class EngineLoop:
     def describe(self) -> list[dict]:
         with self._lock:
             engines = list(self.engines.items())
-        return [{"method": cache.method, "budget": cache.budget, "slots": engine.num_slots,
+        return [{"method": cache.method, "budget": cache.budget, "options": cache.options, "slots": engine.num_slots,
                  "slot_bytes": engine.slot_size * engine.entry_bytes, "kv_allocated_bytes": engine.kv_allocated_bytes}
                 for cache, engine in engines]
 
@@ -444,7 +458,8 @@ class ChatServer:
             max_prompt_tokens=min(default_prompt_tokens(self.model), context - config.max_tokens),
         )
         self.created = int(time.time())
-        self.engines = EngineLoop(self._make_engine, config.max_engines, CacheConfig(config.method, config.budget))
+        self.engines = EngineLoop(self._make_engine, config.max_engines,
+                                  CacheConfig(config.method, config.budget, **config.cache_options))
 
     def _make_engine(self, cache: CacheConfig) -> Engine:
         return Engine(self.model, self.processor, cache.policy, self.engine_config)

@@ -10,6 +10,7 @@
 import argparse
 import os
 
+from elastic_ray.config import parse_cache_option, parse_kv_memory
 from elastic_ray.data.shapes import write_shards
 from elastic_ray.eval.calibrate import choose_budget
 from elastic_ray.eval.samples import Sample
@@ -29,19 +30,13 @@ def budget(text: str) -> float | str:
         raise argparse.ArgumentTypeError(f"a number in (0, 1] or 'auto', got {text!r}") from None
 
 
-def memory(text: str) -> int | float:
-    try:
-        return float(text) if "." in text else int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"bytes (an integer) or a fraction (0.25), got {text!r}") from None
-
-
 def calibrate(job: CaptionJob, requests: list[dict]) -> dict:
     """Auto-budget on the job's own rows: the smallest budget whose greedy captions score
     `job.target_rouge` ROUGE-L against the full cache's. Runs as a Ray task (see `run`)."""
     model, processor = load_model(job)
     samples = [Sample(r["id"], r["image"], r["prompt"], "", "reference") for r in requests]
-    return choose_budget(model, processor, samples, job.method, job.target_rouge, job.max_tokens)
+    return choose_budget(model, processor, samples, job.method, job.target_rouge, job.max_tokens,
+                         options=dict(job.cache_options))
 
 
 def parser() -> argparse.ArgumentParser:
@@ -65,7 +60,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--cpus-per-actor", type=float, default=d.cpus_per_actor)
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="rows per call to a caption actor")
     p.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs, help="sequences each engine runs at once")
-    p.add_argument("--kv-cache-memory", type=memory, default=d.kv_cache_memory,
+    p.add_argument("--cache-option", action="append", default=[], type=parse_cache_option, metavar="KEY=VALUE",
+                   help="an option of the method (repeatable), e.g. protect=16 for elastic")
+    p.add_argument("--kv-cache-memory", type=parse_kv_memory, default=d.kv_cache_memory,
                    help="each engine's KV memory: bytes (an integer) or a fraction of the device's free memory "
                         "(a number with a point); it sets the slots, at most --max-num-seqs")
     p.add_argument("--resume", action="store_true", help="finish a run into a non-empty output")
@@ -96,6 +93,7 @@ def main(argv=None) -> None:
     job = CaptionJob(
         input=args.input, output=args.output, model=args.model, method=args.method, budget=args.budget,
         target_rouge=args.target_rouge, calibration_rows=args.calibration_rows,
+        cache_options=tuple(args.cache_option),
         max_tokens=args.max_tokens, instruction=args.instruction, num_actors=args.num_actors,
         gpus_per_actor=args.gpus_per_actor, cpus_per_actor=args.cpus_per_actor, batch_size=args.batch_size,
         max_num_seqs=args.max_num_seqs, kv_cache_memory=args.kv_cache_memory,

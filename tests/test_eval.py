@@ -116,3 +116,15 @@ def test_auto_budget_picks_the_smallest_budget_meeting_the_target(tiny_llava):
         assert strict["budget"] == 0.1
     with pytest.raises(ValueError):
         choose_budget(*tiny_llava, samples, "elastic", target_rouge=1.5, max_tokens=6)
+
+
+def test_auto_budget_runs_the_method_with_its_options(tiny_llava):
+    from elastic_ray.eval.calibrate import choose_budget
+
+    samples = shapes_samples(2)
+    chosen = choose_budget(*tiny_llava, samples, "elastic", target_rouge=1.0, max_tokens=6, candidates=(0.3,),
+                           options={"protect": 8})
+    assert chosen["options"] == {"protect": 8}
+    _, full = run_cell(*tiny_llava, Cell("full", 1.0), samples, 6, score_ppl=False)
+    protected, _ = run_cell(*tiny_llava, Cell("elastic", 0.3, (("protect", 8),)), samples, 6, full, score_ppl=False)
+    assert chosen["tried"] == [{"budget": 0.3, "rouge_l": protected["rouge_l"]}]

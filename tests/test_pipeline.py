@@ -23,6 +23,7 @@ from captioning import (
     MAX_PIXELS, bad_rows, check_errors, errors_by_id, good_rows, png, ray_env, read_output, save_tiny_model,
     write_rows,
 )
+from elastic_ray import CacheConfig
 from elastic_ray.data.images import decode_image
 from elastic_ray.data.shapes import CAPTION_INSTRUCTION, write_shards
 from elastic_ray.eval.samples import Sample
@@ -71,6 +72,8 @@ def shards(tmp_path):
     ({"budget": "auto", "target_rouge": 0}, "--target-rouge must be in \\(0, 1\\]"),
     ({"budget": "auto", "target_rouge": 1.5}, "--target-rouge must be in \\(0, 1\\]"),
     ({"budget": "auto", "calibration_rows": 0}, "--calibration-rows must be a positive integer"),
+    ({"cache_options": (("protect", "16"),)}, "elastic option protect must be int"),
+    ({"cache_options": (("window", 4),)}, "no option\\(s\\) \\['window'\\]"),
 ])
 def test_bad_arguments_are_refused(shards, tiny_model, tmp_path, change, message):
     job = CaptionJob(input=shards, output=str(tmp_path / "out"), model=tiny_model)
@@ -88,13 +91,16 @@ def test_a_non_empty_output_needs_resume(shards, tmp_path):
     check(replace(job, resume=True))
 
 
-@pytest.mark.parametrize("budget, message", [
-    ("2", "bad cache settings: budget must be in (0, 1]"),
-    ("half", "argument --budget: a number in (0, 1] or 'auto', got 'half'"),
+@pytest.mark.parametrize("args, message", [
+    (["--budget", "2"], "bad cache settings: budget must be in (0, 1]"),
+    (["--budget", "half"], "argument --budget: a number in (0, 1] or 'auto', got 'half'"),
+    (["--cache-option", "protect"], "argument --cache-option: a cache option looks like KEY=VALUE"),
+    (["--cache-option", "protect=high"], "bad cache settings: elastic option protect must be int, got 'high'"),
+    (["--kv-cache-memory", "lots"], "argument --kv-cache-memory: bytes (an integer) or a fraction"),
 ])
-def test_cli_refuses_bad_arguments_before_starting_ray(shards, tmp_path, budget, message):
+def test_cli_refuses_bad_arguments_before_starting_ray(shards, tmp_path, args, message):
     result = subprocess.run(
-        [sys.executable, "jobs/caption.py", "--input", shards, "--output", str(tmp_path / "out"), "--budget", budget],
+        [sys.executable, "jobs/caption.py", "--input", shards, "--output", str(tmp_path / "out"), *args],
         capture_output=True, text=True, cwd=Path(__file__).parents[1], timeout=120,
     )
     assert result.returncode == 2
@@ -202,6 +208,13 @@ def test_finished_ids_drops_files_cut_short(tmp_path):
     ids = finished_ids(fsspec.filesystem("file"), str(tmp_path))
     assert sorted(ids.to_pylist()) == ["row-000", "row-001", "row-002"]
     assert sorted(os.listdir(tmp_path)) == ["a.parquet"]
+
+
+def test_the_engine_runs_the_method_with_its_options(shards, tiny_model, tmp_path):
+    job = CaptionJob(input=shards, output=str(tmp_path / "out"), model=tiny_model, max_tokens=4,
+                     cache_options=(("protect", 16), ("merge", False)))
+    check(job)
+    assert Captions(job).llm.engine.policy == CacheConfig("elastic", 0.5, protect=16, merge=False).policy
 
 
 def test_captions_flag_prompts_the_engine_refuses(tiny_model, tmp_path):

@@ -19,6 +19,11 @@ from elastic_ray.kv.entries import apply_selection
         ({"method": "streaming", "budget": 0.5, "merge": True}, r"allowed: \['sink'\]"),
         ({"method": "elastic", "budget": 0.5, "positions": "shifted"}, r"positions must be one of \('original', 'compact'\)"),
         ({"method": "full", "budget": 0.5}, r"budget must be 1.0"),
+        ({"method": "elastic", "budget": 0.5, "protect": "16"}, r"elastic option protect must be int, got '16'"),
+        ({"method": "elastic", "budget": 0.5, "offset": 2.5}, r"elastic option offset must be int"),
+        ({"method": "elastic", "budget": 0.5, "sink": True}, r"elastic option sink must be int, got True"),
+        ({"method": "elastic", "budget": 0.5, "merge": 0}, r"elastic option merge must be bool"),
+        ({"method": "h2o", "budget": 0.5, "recent_ratio": "half"}, r"h2o option recent_ratio must be float"),
     ],
 )
 def test_bad_configurations_raise_value_error_naming_what_is_allowed(kwargs, message):

@@ -28,7 +28,7 @@ from elastic_ray import LLM, CacheConfig, EngineConfig, SamplingParams
 from elastic_ray.data.images import decode_image
 from elastic_ray.data.shapes import CAPTION_INSTRUCTION, make_scenes, png_bytes
 from elastic_ray.models.loading import load
-from elastic_ray.serving import settled_text
+from elastic_ray.serving import ServeConfig, parse_request, prepare, settled_text
 from conftest import http_image_server
 from test_images import png_header_only
 
@@ -264,6 +264,10 @@ BAD = {
     "unknown method": (chat(data_url(png()), method="magic"), 400, "unknown cache method"),
     "budget out of range": (chat(data_url(png()), budget=1.5), 400, "budget must be in"),
     "full below budget 1": (chat(data_url(png()), method="full", budget=0.5), 400, "budget must be 1.0"),
+    "unknown cache option": (chat(data_url(png()), cache_options={"window": 4}), 400, "cache_options: method"),
+    "cache option of the wrong type": (chat(data_url(png()), cache_options={"protect": "all"}), 400,
+                                       "cache_options: elastic option protect must be int"),
+    "cache options not an object": (chat(data_url(png()), cache_options=[16]), 400, "cache_options"),
     "unknown model": (chat(data_url(png()), model="gpt-4o"), 404, "does not exist"),
     "assistant turn": (chat(data_url(png()), messages=[{"role": "assistant", "content": "hi"}]), 400, "role"),
     "n above 1": (chat(data_url(png()), n=2), 400, "n: Input should be 1"),
@@ -341,3 +345,18 @@ def test_serve_job_refuses_bad_arguments_before_ray_starts():
     result = subprocess.run([sys.executable, "jobs/serve.py", "--budget", "2"], cwd=REPO, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 2 and "budget must be in (0, 1]" in result.stderr
+
+
+def test_cache_options_come_from_the_request_or_for_the_default_method_from_the_server():
+    config = ServeConfig(method="elastic", budget=0.5, cache_options={"protect": 16})
+    image = data_url(png())
+    assert prepare(parse_request(json.dumps(chat(image)).encode()), config).cache == \
+        CacheConfig("elastic", 0.5, protect=16)
+    own = chat(image, cache_options={"protect": 4, "merge": False})
+    assert prepare(parse_request(json.dumps(own).encode()), config).cache == \
+        CacheConfig("elastic", 0.5, protect=4, merge=False)
+    other_method = chat(image, method="h2o", budget=0.3)
+    assert prepare(parse_request(json.dumps(other_method).encode()), config).cache == CacheConfig("h2o", 0.3)
+    assert ServeConfig(cache_options='{"protect": 16}').cache_options == {"protect": 16}  # serve run key=value
+    with pytest.raises(ValueError, match="no option"):
+        ServeConfig(method="h2o", cache_options={"protect": 16})

@@ -1,6 +1,6 @@
 """The interface every cache method implements, and the pieces they share."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import ClassVar
 
 import torch
@@ -26,6 +26,11 @@ class CachePolicy:
     positions_modes: ClassVar[tuple[str, ...]] = ("original",)
 
     def __post_init__(self):
+        for option in fields(self):  # options arrive from command lines and JSON bodies
+            value = getattr(self, option.name)
+            kind = {"float": (int, float), "int": (int,), "bool": (bool,), "str": (str,)}[option.type.__name__]
+            if not isinstance(value, kind) or (isinstance(value, bool) and option.type is not bool):
+                raise ValueError(f"{self.name} option {option.name} must be {option.type.__name__}, got {value!r}")
         if not 0.0 < self.budget <= 1.0:
             raise ValueError(f"budget must be in (0, 1], got {self.budget!r}")
 
