@@ -44,8 +44,6 @@ from elastic_ray.outputs import RequestOutput
 
 logger = logging.getLogger("ray.serve")
 
-# The processor resizes an image's short side to its input size, so a thin image becomes huge.
-
 
 class ServeConfig(BaseModel):
     """One deployment: the model, its default cache policy, engine sizes and Serve's limits.

@@ -16,7 +16,9 @@ from PIL import Image
 
 MAX_PIXELS = 25_000_000
 MAX_BYTES = 64 * 2**20
-MAX_ASPECT_RATIO = 50  # longer side over shorter: vision processors resize to a square
+# Longer side over shorter. A processor that resizes the short side to its input size makes a
+# thin image huge.
+MAX_ASPECT_RATIO = 50
 # Decoders for formats outside this list (EPS runs Ghostscript, for one) are never reached.
 FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff")
