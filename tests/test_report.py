@@ -153,6 +153,17 @@ def test_gpu_runs_are_priced_per_gpu_hour(caption, tmp_path):
         assert entry["captions_per_engine_s_per_gpu"]["value"] == pytest.approx(actor["captions_per_engine_s"] / 0.5)
 
 
+def test_an_auto_budget_calibration_is_billed_as_one_actor(caption, tmp_path):
+    metrics = json.loads(caption["metrics_path"].read_text())
+    metrics["budget_calibration"] = {"method": "elastic", "budget": 0.5, "rouge_l": 0.95, "wall_s": 36.0}
+    build([caption_run(metrics, "auto.metrics.json")], tmp_path, hourly_price=2.0)
+    (row,) = json.loads((tmp_path / "report.json").read_text())["rows"]
+    assert_measured(row, "calibration_s", metrics, "auto.metrics.json", "budget_calibration.wall_s")
+    actor_hours = (metrics["num_actors"] * metrics["wall_s"] + 36.0) / 3600
+    assert figure(row, "actor_hours")["value"] == pytest.approx(actor_hours)
+    assert figure(row, "cost_per_million_captions")["value"] == pytest.approx(2.0 * actor_hours / metrics["rows"] * 1e6)
+
+
 def test_a_run_whose_metrics_lack_slots_shows_them_as_not_measured(caption, tmp_path):
     metrics = json.loads(caption["metrics_path"].read_text())
     del metrics["slots_per_actor"], metrics["full_slots_per_actor"]

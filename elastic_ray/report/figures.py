@@ -46,8 +46,12 @@ def _per_hour_and_cost(f: dict[str, Figure], gpu: bool, price: Figure) -> None:
                                        r=f["rows_per_s"], a=f["actors"])
     f["tokens_per_s_per_actor"] = derive("tokens/s", "tokens_per_s / actors", lambda t, a: t / a,
                                          t=f["tokens_per_s"], a=f["actors"])
-    f["actor_hours"] = derive("actor-hours", "actors x wall_s / 3600", lambda a, w: a * w / 3600,
-                              a=f["actors"], w=f["wall_s"])
+    if "calibration_s" in f:  # --budget auto ran one task with an actor's resources first
+        f["actor_hours"] = derive("actor-hours", "(actors x wall_s + calibration_s) / 3600",
+                                  lambda a, w, c: (a * w + c) / 3600, a=f["actors"], w=f["wall_s"], c=f["calibration_s"])
+    else:
+        f["actor_hours"] = derive("actor-hours", "actors x wall_s / 3600", lambda a, w: a * w / 3600,
+                                  a=f["actors"], w=f["wall_s"])
     billed = "actor_hours"
     if gpu:
         for rate, unit in (("rows_per_s", "rows/s"), ("tokens_per_s", "tokens/s")):
@@ -92,6 +96,8 @@ def caption_rows(run: Run, price: Figure, evaluations: dict) -> list[Row]:
         "slots_per_device": _recorded(d, "slots_per_actor", "slots", src),
         "slots_per_device_full": _recorded(d, "full_slots_per_actor", "slots", src),
     }
+    if "budget_calibration" in d:
+        f["calibration_s"] = measured(d["budget_calibration"]["wall_s"], "s", src, "budget_calibration.wall_s")
     _per_hour_and_cost(f, gpus > 0, price)
     f |= quality(d["model"], d["method"], d["budget"], evaluations)
     actors = []
