@@ -286,7 +286,8 @@ class Submission:
 class EngineLoop:
     """The one thread that calls the replica's engines (the engine is not thread-safe).
 
-    `submit` queues work from any thread. Each round the loop adds new work to the engine for
+    `submit` queues work from any thread and `cancel` withdraws it (a client gone). Each round
+    the loop first aborts cancelled work, then adds new work to the engine for
     its cache policy, made on first use; with `max_engines` engines already, the least recently
     used idle one is dropped first, and a request waits while every engine is busy. Then it steps
     each engine with unfinished requests once and delivers the outputs. An exception from a step
@@ -299,6 +300,7 @@ class EngineLoop:
         self.engines: OrderedDict[CacheConfig, Engine] = OrderedDict({first: make_engine(first)})
         self.error: BaseException | None = None
         self._inbox: list[Submission] = []
+        self._cancelled: list[Submission] = []
         self._waiting: list[Submission] = []
         self._running: dict[tuple[CacheConfig, int], Submission] = {}
         self._lock = threading.Condition()
@@ -314,6 +316,11 @@ class EngineLoop:
             self._inbox.append(submission)
             self._lock.notify()
 
+    def cancel(self, submission: Submission) -> None:
+        with self._lock:
+            self._cancelled.append(submission)
+            self._lock.notify()
+
     def close(self) -> None:
         with self._lock:
             self._closed = True
@@ -324,7 +331,8 @@ class EngineLoop:
         with self._lock:
             engines = list(self.engines.items())
         return [{"method": cache.method, "budget": cache.budget, "options": cache.options, "slots": engine.num_slots,
-                 "slot_bytes": engine.slot_size * engine.entry_bytes, "kv_allocated_bytes": engine.kv_allocated_bytes}
+                 "slot_bytes": engine.slot_size * engine.entry_bytes, "kv_allocated_bytes": engine.kv_allocated_bytes,
+                 "aborted": engine.aborted}
                 for cache, engine in engines]
 
     def _run(self) -> None:
@@ -341,12 +349,14 @@ class EngineLoop:
 
     def _round(self) -> bool:
         with self._lock:
-            while not (self._inbox or self._waiting or self._running or self._closed):
+            while not (self._inbox or self._waiting or self._running or self._cancelled or self._closed):
                 self._lock.wait()
             if self._closed:
                 return False
             self._waiting += self._inbox
-            self._inbox = []
+            self._inbox, cancelled = [], self._cancelled
+            self._cancelled = []
+        self._abort(cancelled)
         self._admit()
         for cache, engine in list(self.engines.items()):
             if engine.has_unfinished():
@@ -356,6 +366,15 @@ class EngineLoop:
                     if output.finished or submission.stream:
                         submission.deliver(output)
         return True
+
+    def _abort(self, cancelled: list[Submission]) -> None:
+        """Withdraw cancelled work: a waiting submission is dropped, a running one aborted in its engine."""
+        gone = {id(s) for s in cancelled}
+        self._waiting = [s for s in self._waiting if id(s) not in gone]
+        for (cache, request_id), submission in list(self._running.items()):
+            if id(submission) in gone:
+                del self._running[cache, request_id]
+                self.engines[cache].abort(request_id)
 
     def _admit(self) -> None:
         """Add waiting work to engines in arrival order. Work whose policy has no engine while the
@@ -489,47 +508,61 @@ class ChatServer:
         except APIError as e:
             return e.response()
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
-        self.engines.submit(Submission(prepared, lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
-                                       stream=chat.stream))
-        first = await events.get()
+        submission = Submission(prepared, lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
+                                stream=chat.stream)
+        self.engines.submit(submission)
+        try:
+            first = await events.get()
+        except asyncio.CancelledError:  # the client went away: Serve cancels its request
+            self.engines.cancel(submission)
+            raise
         if isinstance(first, APIError):
             return first.response()
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": self.config.name}
         if chat.stream:
             include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
-            chunks = self._chunks(head, first, events, prepared.sampling.stop, include_usage)
+            chunks = self._chunks(head, first, events, prepared.sampling.stop, include_usage, submission)
             return StreamingResponse(chunks, media_type="text/event-stream")
         return {**head, "object": "chat.completion",  # not streaming: the first output is the finished one
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": first.text},
                              "finish_reason": first.finish_reason, "logprobs": None}],
                 "usage": usage(first), "kv_cache": kv_cache(first)}
 
-    async def _chunks(self, head: dict, output, events: asyncio.Queue, stop: tuple[str, ...], include_usage: bool):
+    async def _chunks(self, head: dict, output, events: asyncio.Queue, stop: tuple[str, ...], include_usage: bool,
+                      submission: Submission):
         """Server-sent chunks: the role, then text deltas; the last choice chunk carries
-        finish_reason and usage (with include_usage, a final chunk without choices carries it, as OpenAI's does)."""
+        finish_reason and usage (with include_usage, a final chunk without choices carries it, as OpenAI's does).
+        A stream closed before its end (the client went away) withdraws its request from the engine."""
 
         def chunk(delta: dict, finish_reason=None, **extra) -> str:
             choice = {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
             return sse({**head, "object": "chat.completion.chunk", "choices": [choice], **extra})
 
-        yield chunk({"role": "assistant", "content": ""})
-        sent = ""
-        while True:
-            if isinstance(output, APIError):
-                yield sse(output.body)
-                break
-            text = output.text if output.finished else settled_text(output.text, stop)
-            if output.finished:
-                final = {"usage": usage(output), "kv_cache": kv_cache(output)}
-                yield chunk({"content": text[len(sent):]}, output.finish_reason, **({} if include_usage else final))
-                if include_usage:
-                    yield sse({**head, "object": "chat.completion.chunk", "choices": [], **final})
-                break
-            if len(text) > len(sent) and text.startswith(sent):
-                yield chunk({"content": text[len(sent):]})
-                sent = text
-            output = await events.get()
-        yield sse("[DONE]")
+        ended = False
+        try:
+            yield chunk({"role": "assistant", "content": ""})
+            sent = ""
+            while True:
+                if isinstance(output, APIError):
+                    ended = True
+                    yield sse(output.body)
+                    break
+                text = output.text if output.finished else settled_text(output.text, stop)
+                if output.finished:
+                    ended = True
+                    final = {"usage": usage(output), "kv_cache": kv_cache(output)}
+                    yield chunk({"content": text[len(sent):]}, output.finish_reason, **({} if include_usage else final))
+                    if include_usage:
+                        yield sse({**head, "object": "chat.completion.chunk", "choices": [], **final})
+                    break
+                if len(text) > len(sent) and text.startswith(sent):
+                    yield chunk({"content": text[len(sent):]})
+                    sent = text
+                output = await events.get()
+            yield sse("[DONE]")
+        finally:
+            if not ended:
+                self.engines.cancel(submission)
 
 
 def build_app(config: ServeConfig) -> serve.Application:

@@ -161,3 +161,22 @@ def test_a_sequence_finishing_at_eos_frees_its_slot_for_the_next(tiny_llava, ima
     expected = free.token_ids[: free.token_ids.index(forced) + 1]
     assert all(o.finish_reason == "stop" and o.token_ids == expected for o in outs)
     assert llm.engine.steps["prefill"] - prefills == 3 and not llm.engine.has_unfinished()
+
+
+def test_an_aborted_request_frees_its_slot_and_the_others_run_as_if_it_never_came(tiny_llava, images):
+    cache, params = CacheConfig("elastic", 0.5), SamplingParams(max_tokens=10, ignore_eos=True)
+    reqs = requests(images, 4)
+    engine = Engine(*tiny_llava, cache.policy, EngineConfig(max_num_seqs=2))
+    for i, request in enumerate(reqs):
+        engine.add_request(request, params, request_id=i)
+    finished = {}
+    for step in range(4):  # request 1 runs in a slot, request 3 still waits
+        finished.update((o.request_id, o) for o in engine.step() if o.finished)
+    assert [s.request_id for s in engine.scheduler.running] == [0, 1] and not finished
+    assert engine.abort(1) and engine.abort(3) and not engine.abort(3) and not engine.abort("unknown")
+    assert [s.request_id for s in engine.scheduler.running] == [0] and engine.aborted == 2
+    while engine.has_unfinished():
+        finished.update((o.request_id, o) for o in engine.step() if o.finished)
+    assert sorted(finished) == [0, 2]
+    alone = LLM(tiny_llava, cache, engine=EngineConfig(max_num_seqs=2)).generate([reqs[0], reqs[2]], params)
+    assert [finished[0].token_ids, finished[2].token_ids] == [o.token_ids for o in alone]

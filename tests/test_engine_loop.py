@@ -145,3 +145,38 @@ def test_work_for_a_new_policy_drains_a_busy_engine_instead_of_starving(tiny_lla
     finally:
         loop.close()
     assert finished == ["e1", "full", "e2"]
+
+
+def test_cancelled_work_is_withdrawn_whether_it_runs_or_waits(tiny_llava, images):
+    long = SamplingParams(max_tokens=200, ignore_eos=True)
+    made = []
+
+    def make(cache):
+        made.append(Engine(*tiny_llava, cache.policy, EngineConfig(max_num_seqs=4, max_tokens=200)))
+        return made[-1]
+
+    loop = EngineLoop(make, 1, ELASTIC)
+    try:
+        first, events, waiting_events = threading.Event(), queue.Queue(), queue.Queue()
+
+        def deliver(event):
+            events.put(event)
+            first.set()
+
+        running = Submission(Prepared(requests(images, 1)[0], long, ELASTIC), deliver)
+        loop.submit(running)
+        assert first.wait(60)
+        # the pool's one engine is busy, so work for another policy waits: withdraw it there
+        waiting = Submission(Prepared(requests(images, 2)[1], long, FULL), waiting_events.put)
+        loop.submit(waiting)
+        loop.cancel(waiting)
+        loop.cancel(running)
+        after = queue.Queue()
+        loop.submit(Submission(Prepared(requests(images, 3)[2], SamplingParams(max_tokens=4), ELASTIC), after.put))
+        assert last_event(after).finished
+    finally:
+        loop.close()
+    (engine,) = made  # the full-cache engine was never made
+    assert engine.aborted == 1 and not engine.has_unfinished() and waiting_events.empty()
+    delivered = [events.get_nowait() for _ in range(events.qsize())]
+    assert delivered and not any(e.finished for e in delivered) and len(delivered[-1].token_ids) < 200

@@ -2,8 +2,8 @@
 
 One Ray and Serve for the module, started by jobs/serve.py as a user would, with two
 applications of the demo model: `/` (8 slots, a local image server on the allow-list) and
-`/tight` (one slot, one queued request; a second jobs/serve.py attached to the same Ray) for
-backpressure. Answers are checked against `LLM.generate` of the same requests.
+`/tight` (one slot, one queued request, up to 280 tokens; a second jobs/serve.py attached to the same Ray) for
+backpressure and clients that go away. Answers are checked against `LLM.generate` of the same requests.
 """
 
 import asyncio
@@ -34,6 +34,7 @@ from test_images import png_header_only
 
 REPO = Path(__file__).parents[1]
 MAX_TOKENS = 24
+TIGHT_MAX_TOKENS = 280  # /tight allows requests long enough to go away from
 KV_MEMORY = 64 * 2**20
 LONG_TEXT = "describe the image . " * 120  # ~480 tokens: over the demo model's prompt limit
 
@@ -110,7 +111,8 @@ def server(image_server, tmp_path_factory):
         assert line.startswith(f"serving demo at {url}/v1 on the Ray at "), line
         tight, _ = start_serve_job([*common, "--address", line.split("on the Ray at ")[1].split()[0], "--name", "tight",
                                     "--route-prefix", "/tight", "--max-num-seqs", "1", "--max-ongoing-requests", "1",
-                                    "--max-queued-requests", "1"], env, logs / "tight.log")
+                                    "--max-queued-requests", "1", "--max-tokens", str(TIGHT_MAX_TOKENS)],
+                                   env, logs / "tight.log")
         yield url
     finally:
         codes = [stop(proc) for proc in (tight, main) if proc is not None]
@@ -360,3 +362,25 @@ def test_cache_options_come_from_the_request_or_for_the_default_method_from_the_
     assert ServeConfig(cache_options='{"protect": 16}').cache_options == {"protect": 16}  # serve run key=value
     with pytest.raises(ValueError, match="no option"):
         ServeConfig(method="h2o", cache_options={"protect": 16})
+
+
+def aborted(url: str) -> int:
+    return sum(engine["aborted"] for engine in httpx.get(f"{url}/healthz").json()["engines"])
+
+
+@pytest.mark.parametrize("streaming", [True, False])
+def test_a_client_that_goes_away_has_its_request_aborted(server, scenes, streaming):
+    tight = f"{server}/tight"
+    before = aborted(tight)
+    body = chat(data_url(png_bytes(scenes[1].image)), max_tokens=TIGHT_MAX_TOKENS, ignore_eos=True, stream=streaming)
+    if streaming:
+        with httpx.stream("POST", f"{tight}/v1/chat/completions", json=body, timeout=60) as response:
+            assert next(line for line in response.iter_lines() if line.startswith("data: "))
+    else:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{tight}/v1/chat/completions", json=body, timeout=httpx.Timeout(60, read=1.0))
+    deadline = time.time() + 60  # the request alone would run for its 280 tokens
+    while aborted(tight) == before:
+        assert time.time() < deadline, "the request was not aborted"
+        time.sleep(0.2)
+    assert aborted(tight) == before + 1 and healthy(tight)

@@ -67,6 +67,7 @@ class Engine:
         self._ids = itertools.count()
         self.peak_kv_bytes = 0
         self.steps = {"prefill": 0, "decode": 0}
+        self.aborted = 0
 
     @property
     def num_slots(self) -> int:
@@ -112,6 +113,18 @@ class Engine:
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
+
+    def abort(self, request_id) -> bool:
+        """Drop an unfinished request between steps: a waiting one leaves the queue, a running one
+        frees its slot for the next step. Returns whether the request was there."""
+        seq = self.scheduler.abort(request_id)
+        if seq is None:
+            return False
+        if seq.slot >= 0:  # running: free its slot now
+            for source, target in self.scheduler.retire([seq]):
+                self.runner.move(source, target)
+        self.aborted += 1
+        return True
 
     def step(self) -> list[RequestOutput]:
         """Advance every running request by one token; returns their outputs (finished ones included)."""

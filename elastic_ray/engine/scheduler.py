@@ -19,6 +19,16 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def abort(self, request_id) -> Sequence | None:
+        """The unfinished sequence of `request_id`; a waiting one is taken off the queue (a running
+        one stays in its slot for `retire`)."""
+        for seq in self.waiting:
+            if seq.request_id == request_id:
+                self.waiting.remove(seq)
+                seq.status = Status.FINISHED
+                return seq
+        return next((seq for seq in self.running if seq.request_id == request_id), None)
+
     def admit(self) -> list[Sequence]:
         """Waiting sequences given the next free slots, within one prefill's token bound."""
         admitted, tokens = [], 0
