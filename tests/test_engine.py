@@ -8,6 +8,7 @@ from conftest import INSTRUCTIONS
 from elastic_ray import LLM, CacheConfig, EngineConfig, SamplingParams
 from elastic_ray.engine.engine import Engine
 from elastic_ray.hf.static import StaticBatchGenerator
+from elastic_ray.models.prompts import PreparedRequest, prepare_request
 
 METHODS = [
     ("full", 1.0, {}),
@@ -180,3 +181,15 @@ def test_an_aborted_request_frees_its_slot_and_the_others_run_as_if_it_never_cam
     assert sorted(finished) == [0, 2]
     alone = LLM(tiny_llava, cache, engine=EngineConfig(max_num_seqs=2)).generate([reqs[0], reqs[2]], params)
     assert [finished[0].token_ids, finished[2].token_ids] == [o.token_ids for o in alone]
+
+
+def test_a_request_prepared_off_the_engine_runs_as_the_raw_request_does(tiny_llava, images):
+    engine = Engine(*tiny_llava, CacheConfig("elastic", 0.5).policy, EngineConfig(max_tokens=8))
+    raw = [{"image": image, "prompt": text} for image, text in zip(images, INSTRUCTIONS)]
+    prepared = [prepare_request(tiny_llava[1], r, engine.max_prompt_tokens) for r in raw]
+    assert all(isinstance(p, PreparedRequest) and p.prompt_tokens > 0 for p in prepared)
+    sampling = SamplingParams(max_tokens=6, ignore_eos=True)
+    assert [o.token_ids for o in engine.generate(prepared, sampling)] == \
+        [o.token_ids for o in engine.generate(raw, sampling)]
+    with pytest.raises(ValueError, match="over the engine's limit of 3"):
+        prepare_request(tiny_llava[1], raw[0], max_prompt_tokens=3)
