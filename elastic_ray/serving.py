@@ -33,10 +33,9 @@ from starlette.exceptions import HTTPException
 from elastic_ray.config import CacheConfig, EngineConfig, SamplingParams
 from elastic_ray.data.images import MAX_PIXELS, ImageError, ImageSource, data_url_bytes, decode_image
 from elastic_ray.engine.engine import Engine
-from elastic_ray.engine.loop import EngineFailed, EngineLoop, LoopStopped, Refused, Submission, Work
+from elastic_ray.engine.loop import EngineLoop, LoopStopped, Refused, Submission, Work
 from elastic_ray.kv import METHODS
 from elastic_ray.models.loading import check_local_model, load
-from elastic_ray.models.prompts import default_prompt_tokens
 from elastic_ray.outputs import RequestOutput
 
 class ServeConfig(BaseModel):
@@ -312,11 +311,8 @@ class ChatServer:
     def __init__(self, config: ServeConfig):
         self.config = config
         self.model, self.processor = load(config.model, device="cuda" if config.num_gpus > 0 else None)
-        context = self.model.config.get_text_config().max_position_embeddings
         self.engine_config = EngineConfig(
-            kv_cache_memory=config.kv_cache_memory, max_num_seqs=config.max_num_seqs, max_tokens=config.max_tokens,
-            max_prompt_tokens=min(default_prompt_tokens(self.model), context - config.max_tokens),
-        )
+            kv_cache_memory=config.kv_cache_memory, max_num_seqs=config.max_num_seqs, max_tokens=config.max_tokens)
         self.created = int(time.time())
         self.engines = EngineLoop(self._make_engine, config.max_engines,
                                   CacheConfig(config.method, config.budget, **config.cache_options))
