@@ -162,7 +162,7 @@ def run_engine(model, processor, cache: CacheConfig, requests, max_tokens: int, 
         engine.add_request(request, sampling)
     while engine.has_unfinished():
         busy, prefills = len(engine.scheduler.running), engine.steps["prefill"]
-        stored = int(engine.runner.slots.lengths[:busy].sum()) * engine.entry_bytes
+        stored = sum(s.kv_entries for s in engine.scheduler.running) * engine.entry_bytes
         step_start = time.perf_counter()
         outputs = engine.step()
         if engine.steps["prefill"] == prefills and busy == engine.num_slots:

@@ -86,8 +86,9 @@ class EngineConfig:
     `kv_cache_memory` is bytes (int) or a fraction (float in (0, 1]) of the device's free memory;
     the slot count is `min(max_num_seqs, kv_cache_memory // slot_bytes)`. A slot holds the
     method's bound for `max_prompt_tokens + max_tokens` (None: the model's image tokens plus
-    `TEXT_TOKENS`, within the context); longer requests are refused. `max_prefill_tokens` bounds the scratch cache of
-    one prefill batch.
+    `TEXT_TOKENS`, within the context); longer requests are refused. `max_prefill_tokens` bounds the tokens of
+    one prefill batch. `compile`: run each decode step as one `torch.compile`d graph (CUDA graphs on a
+    GPU); None takes the device's default (`engine.default_compile`).
     """
 
     kv_cache_memory: int | float = 0.25
@@ -95,6 +96,7 @@ class EngineConfig:
     max_prompt_tokens: int | None = None
     max_tokens: int = 256
     max_prefill_tokens: int = 8192
+    compile: bool | None = None
 
     def __post_init__(self):
         memory = self.kv_cache_memory
@@ -106,6 +108,8 @@ class EngineConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.compile is not None and not isinstance(self.compile, bool):
+            raise ValueError(f"compile must be True, False or None, got {self.compile!r}")
         prompt = self.max_prompt_tokens
         if prompt is not None and (isinstance(prompt, bool) or not isinstance(prompt, int) or prompt < 1):
             raise ValueError(f"max_prompt_tokens must be a positive integer or None, got {prompt!r}")

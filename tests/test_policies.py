@@ -63,17 +63,38 @@ def test_h2o_keeps_per_head_heavy_hitters_plus_a_recent_window():
 def test_h2o_evicts_the_least_attended_entry_outside_the_recent_window():
     policy = H2OCache(budget=0.5, recent_ratio=0.5)
     scores = torch.tensor([[[5.0, 0.5, 2.0, 0.9, 0.0, 0.0]], [[5.0, 3.0, 2.0, 4.0, 0.0, 0.0]]])
-    victims = policy.victims(scores, cache_lens=torch.tensor([6, 6]), truncation=None, heads=1)
+    positions = torch.arange(6).expand(2, 1, 6)
+    victims = policy.victims(positions, torch.tensor([6, 6]), None, seen=torch.tensor([6, 6]), scores=scores)
     # The recent window (floor(0.5 * 5) = 2 newest entries) is safe despite its zero scores.
     assert victims[:, 0].tolist() == [1, 2]
+
+
+def test_h2o_breaks_ties_by_age_wherever_the_entries_sit():
+    policy = H2OCache(budget=0.5, recent_ratio=0.5)
+    # columns hold positions 3, 0, 5, 1, 2, 4: entries 0 and 3 tie for the least attention
+    positions = torch.tensor([[[3, 0, 5, 1, 2, 4]]])
+    scores = torch.tensor([[[1.0, 1.0, 0.0, 2.0, 3.0, 0.0]]])
+    victim = policy.victims(positions, torch.tensor([6]), None, seen=torch.tensor([6]), scores=scores)
+    assert victim.tolist() == [[1]]  # the column of position 0, the older of the two
 
 
 def test_elastic_evicts_at_its_fixed_truncation_point():
     policy = ElasticCache(budget=0.5, offset=25)
     truncation = policy.truncation_points(torch.tensor([300, 20]))
     assert truncation.tolist() == [275, 1]  # max(sink, C0 - offset)
-    victims = policy.victims(None, torch.tensor([301, 21]), truncation, heads=3)
+    positions = torch.arange(301).expand(2, 3, 301)
+    victims = policy.victims(positions, torch.tensor([301, 21]), truncation, torch.tensor([600, 40]), None)
     assert victims.tolist() == [[275] * 3, [1] * 3]
+
+
+def test_elastic_evicts_the_oldest_entry_after_the_truncation_point_in_any_column():
+    policy = ElasticCache(budget=0.5)
+    # the first two columns are frozen; after them, positions 7, 4, 9 sit in any order
+    positions = torch.tensor([[[0, 2, 7, 4, 9, 99]]])
+    victim = policy.victims(positions, torch.tensor([5]), torch.tensor([2]), torch.tensor([10]), None)
+    assert victim.tolist() == [[3]]  # position 4; column 5 is past the row's entries
+    shorter = policy.victims(positions, torch.tensor([2]), torch.tensor([3]), torch.tensor([10]), None)
+    assert shorter.tolist() == [[1]]  # a row shorter than its truncation point evicts its newest
 
 
 def test_every_method_slot_fits_its_peak():

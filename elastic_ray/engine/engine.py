@@ -7,8 +7,9 @@ import torch
 from torch import nn
 
 from elastic_ray.config import EngineConfig, SamplingParams
+from elastic_ray.engine.detokenizer import IncrementalText
 from elastic_ray.engine.runner import ModelRunner
-from elastic_ray.engine.sampler import sample
+from elastic_ray.engine.sampler import Sampler
 from elastic_ray.engine.scheduler import Scheduler
 from elastic_ray.engine.sequence import Sequence
 from elastic_ray.engine.slots import KVSlots
@@ -17,6 +18,12 @@ from elastic_ray.kv.policy import CachePolicy
 from elastic_ray.models.family import family_of
 from elastic_ray.models.prompts import PreparedRequest, default_prompt_tokens, prepare_request
 from elastic_ray.outputs import RequestOutput, eos_token_ids, finish
+
+
+def default_compile(device: torch.device) -> bool:
+    """Whether a decode step is compiled when `EngineConfig.compile` is None: on CUDA (CUDA graphs
+    remove the per-kernel launch cost), not on the CPU (see the README's Performance section)."""
+    return device.type == "cuda"
 
 
 def free_memory(device: torch.device) -> int:
@@ -60,13 +67,17 @@ class Engine:
                 f"{self.slot_size * self.entry_bytes} bytes ({self.slot_size} entries for "
                 f"{self.max_prompt_tokens} prompt + {config.max_tokens} new tokens)"
             )
-        slots = KVSlots(len(self.family.attentions), num_slots, self.slot_size, self.family.kv_heads,
+        slots = KVSlots(num_slots, [self.slot_size] * len(self.family.attentions), self.family.kv_heads,
                         self.family.head_dim, param.dtype, param.device, with_scores=policy.decode_scores)
-        self.runner = ModelRunner(model, self.family, policy, slots, self.tokenizer.pad_token_id)
+        sampler = Sampler(num_slots, config.max_tokens, param.device)
+        self.compiled = default_compile(param.device) if config.compile is None else config.compile
+        self.runner = ModelRunner(model, self.family, policy, slots, sampler, self.tokenizer.pad_token_id,
+                                  self.compiled)
         self.scheduler = Scheduler(num_slots, config.max_prefill_tokens)
         self._ids = itertools.count()
         self.peak_kv_bytes = 0
         self.steps = {"prefill": 0, "decode": 0}
+        self.busy_slot_steps = 0  # running sequences summed over decode steps
         self.aborted = 0
 
     @property
@@ -78,6 +89,11 @@ class Engine:
         (with the full cache's policy: what compression gained)."""
         slot_bytes = policy.peak_entries(self.max_prompt_tokens, self.config.max_tokens) * self.entry_bytes
         return min(self.config.max_num_seqs, self.kv_budget_bytes // slot_bytes)
+
+    @property
+    def mean_busy_slots(self) -> float:
+        """Occupancy: running sequences per decode step, on average (0 before any decode step)."""
+        return self.busy_slot_steps / self.steps["decode"] if self.steps["decode"] else 0.0
 
     @property
     def kv_allocated_bytes(self) -> int:
@@ -104,11 +120,17 @@ class Engine:
         request_id = next(self._ids) if request_id is None else request_id
         if sampling.max_tokens > self.config.max_tokens:
             raise ValueError(f"max_tokens {sampling.max_tokens} exceeds the engine's limit of {self.config.max_tokens}")
-        prepared = self.prepare(request)
-        seq = Sequence(request_id, prepared.inputs, prepared.prompt_tokens, sampling,
+        try:
+            prepared = self.prepare(request)
+            generator = None if sampling.seed is None else torch.Generator(self.runner.device).manual_seed(sampling.seed)
+        except ValueError:
+            raise
+        except Exception as error:  # whatever breaks while preparing one request fails that request alone
+            raise ValueError(f"the request could not be prepared: {type(error).__name__}: {error}") from error
+        seq = Sequence(request_id, prepared.inputs, prepared.prompt_tokens, sampling, generator=generator,
                        forced=None if forced_tokens is None else list(forced_tokens))
-        if sampling.seed is not None:
-            seq.generator = torch.Generator(device=self.runner.device).manual_seed(sampling.seed)
+        seq.text = IncrementalText(self.tokenizer)
+        seq.eos = set() if sampling.ignore_eos else eos_token_ids(self.model, self.tokenizer)
         self.scheduler.add(seq)
         return request_id
 
@@ -122,8 +144,7 @@ class Engine:
         if seq is None:
             return False
         if seq.slot >= 0:  # running: free its slot now
-            for source, target in self.scheduler.retire([seq]):
-                self.runner.move(source, target)
+            self._retire([seq])
         self.aborted += 1
         return True
 
@@ -131,50 +152,91 @@ class Engine:
         """Advance every running request by one token; returns their outputs (finished ones included)."""
         admitted = self.scheduler.admit()
         if admitted:
-            seqs, logits = admitted, self.runner.prefill(admitted)
-            self.steps["prefill"] += 1
-            stored = sum(s.kv_entries_prompt for s in self.scheduler.running)
+            outputs = self._prefill(admitted)
+        elif self.scheduler.running:
+            outputs = self._decode(self.scheduler.running)
         else:
-            seqs = list(self.scheduler.running)
-            if not seqs:
-                return []
-            stored = int(self.runner.slots.lengths[: len(seqs)].sum()) + len(seqs)  # before eviction
-            logits = self.runner.decode(seqs)
-            self.steps["decode"] += 1
+            return []
+        self._retire([seq for seq, output in outputs if output.finished])
+        return [output for _, output in outputs]
+
+    def _prefill(self, admitted: list[Sequence]) -> list[tuple[Sequence, RequestOutput]]:
+        """Prefill the admitted sequences together; if that fails, each alone, so a request that
+        cannot be prefilled (or compressed) fails by itself with finish_reason "error"."""
+        self.steps["prefill"] += 1
+        try:
+            groups, failed = [(admitted, self.runner.prefill(admitted))], []
+        except Exception:
+            groups, failed = [], []
+            for seq in admitted:
+                try:
+                    groups.append(([seq], self.runner.prefill([seq])))
+                except Exception as error:
+                    failed.append((seq, _failure(seq, error)))
+        stored = sum(s.kv_entries for s in self.scheduler.running)
         self.peak_kv_bytes = max(self.peak_kv_bytes, stored * self.entry_bytes)
-        outputs, finished = [], []
-        for seq, token in zip(seqs, sample(logits, seqs)):
-            seq.generated.append(token)
-            output = self._output(seq)
-            outputs.append(output)
-            if output.finished:
-                finished.append(seq)
-        for source, target in self.scheduler.retire(finished):
-            self.runner.move(source, target)
+        outputs = []
+        for seqs, logits in groups:
+            tokens, logprobs = self.runner.sample(logits, seqs[0].slot, seqs)
+            outputs += self._outputs(seqs, tokens, logprobs)
+        return outputs + failed
+
+    def _decode(self, seqs: list[Sequence]) -> list[tuple[Sequence, RequestOutput]]:
+        """One token for every running sequence (seqs[i] owns slot i)."""
+        stored = sum(s.kv_entries for s in seqs) + len(seqs)  # the new entries, before any eviction
+        self.peak_kv_bytes = max(self.peak_kv_bytes, stored * self.entry_bytes)
+        logits = self.runner.decode(len(seqs), max(s.columns_next_step() for s in seqs))
+        for seq in seqs:
+            seq.token_fed(self.policy)
+        self.steps["decode"] += 1
+        self.busy_slot_steps += len(seqs)
+        tokens, logprobs = self.runner.sample(logits, 0, seqs)
+        return self._outputs(seqs, tokens, logprobs)
+
+    def _outputs(self, seqs: list[Sequence], tokens: list[int], logprobs: list[float] | None):
+        outputs = []
+        for row, (seq, token) in enumerate(zip(seqs, tokens)):
+            try:
+                outputs.append((seq, self._advance(seq, token, None if logprobs is None else logprobs[row])))
+            except Exception as error:  # e.g. the tokenizer failing on this sequence's text
+                outputs.append((seq, _failure(seq, error)))
         return outputs
 
-    def _output(self, seq: Sequence) -> RequestOutput:
-        eos = set() if seq.sampling.ignore_eos else eos_token_ids(self.model, self.tokenizer)
-        token_ids, text, reason = finish(self.tokenizer, seq.generated, seq.sampling, eos)
-        stats = {}
-        if reason is not None:
-            kept = int(self.runner.slots.lengths[seq.slot])
-            fed = len(token_ids) - 1  # the last generated token is never fed back
-            layers = len(self.family.attentions)
-            stats = {
-                "prompt_tokens": seq.prompt_tokens,
-                "output_tokens": len(token_ids),
-                "kv_entries_prompt": [seq.kv_entries_prompt] * layers,
-                "kv_entries": [kept] * layers,
-                "kv_bytes": kept * self.entry_bytes,
-                "kv_bytes_full": (seq.prompt_tokens + fed) * self.entry_bytes,
-                "slot_bytes": self.slot_size * self.entry_bytes,
-                "method": self.policy.name,
-                "budget": self.policy.budget,
-            }
-            if seq.forced is not None:
-                stats["logprobs"] = list(seq.logprobs)
-        return RequestOutput(seq.request_id, text, token_ids, reason, stats)
+    def _advance(self, seq: Sequence, token: int, logprob: float | None) -> RequestOutput:
+        """Append a sampled token; the request's output, finished if EOS, a stop string or its length says so."""
+        seq.generated.append(token)
+        if seq.forced is not None:
+            seq.logprobs.append(logprob)
+        text = seq.text.add(token)
+        sampling = seq.sampling
+        if token in seq.eos or seq.text.completed(sampling.stop) or len(seq.generated) >= sampling.max_tokens:
+            token_ids, final, reason = finish(self.tokenizer, seq.generated, sampling, seq.eos)  # exact, once
+            if reason is not None:
+                return RequestOutput(seq.request_id, final, token_ids, reason, self._stats(seq, token_ids))
+        return RequestOutput(seq.request_id, text.strip(), list(seq.generated), None)
+
+    def _stats(self, seq: Sequence, token_ids: list[int]) -> dict:
+        fed = len(token_ids) - 1  # the last generated token is never fed back
+        layers = len(self.family.attentions)
+        stats = {
+            "prompt_tokens": seq.prompt_tokens,
+            "output_tokens": len(token_ids),
+            "kv_entries_prompt": [seq.kv_entries_prompt] * layers,
+            "kv_entries": [seq.kv_entries] * layers,
+            "kv_bytes": seq.kv_entries * self.entry_bytes,
+            "kv_bytes_full": (seq.prompt_tokens + fed) * self.entry_bytes,
+            "slot_bytes": self.slot_size * self.entry_bytes,
+            "method": self.policy.name,
+            "budget": self.policy.budget,
+        }
+        if seq.forced is not None:
+            stats["logprobs"] = list(seq.logprobs)
+        return stats
+
+    def _retire(self, finished: list[Sequence]) -> None:
+        for source, target in self.scheduler.retire(finished):
+            self.runner.move(source, target)
+        self.runner.set_busy(len(self.scheduler.running))
 
     def generate(self, requests: list[dict], sampling: SamplingParams | None = None) -> list[RequestOutput]:
         """Run requests to completion; outputs in request order, `request_id` = index. A request the
@@ -197,3 +259,7 @@ class Engine:
             output.request_id = index
             outputs.append(output)
         return outputs
+
+
+def _failure(seq: Sequence, error: Exception) -> RequestOutput:
+    return RequestOutput(seq.request_id, None, list(seq.generated), "error", error=f"{type(error).__name__}: {error}")

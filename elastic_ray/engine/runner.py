@@ -1,16 +1,26 @@
-"""Runs the model: prefill a batch of prompts into their slots, or one decode step over all busy slots."""
+"""Runs the model: prefill a batch of prompts into their slots, or one decode step over the busy slots.
+
+Both are one plain `model(...)` call. The text decoder's attention is the engine's own backend
+(`engine/attention.py`, registered by `attention.install`): it finds its work in the
+`PrefillBatch` or `DecodeBatch` passed under `attention.KEYWORD`, and does the KV writes,
+compression and eviction there. A decode step's tensor shapes depend only on its batch bucket and
+width, and it reads nothing back to the host: tokens come from `last_token`, positions from
+`next_position`, both on the device.
+"""
 
 import torch
 from torch import Tensor, nn
 
+from elastic_ray.engine.attention import KEYWORD, DecodeBatch, PrefillBatch, install, prompt_mask
+from elastic_ray.engine.sampler import Sampler
 from elastic_ray.engine.sequence import Sequence
-from elastic_ray.engine.slots import KVSlots, SlotCache
-from elastic_ray.hf.cache import CompressedCache, cache_keyword
-from elastic_ray.hf.hooks import install_hooks
+from elastic_ray.engine.slots import KVSlots
+from elastic_ray.kv.entries import pack_order
 from elastic_ray.kv.policy import CachePolicy
-from elastic_ray.models.family import Family
+from elastic_ray.models.family import MROPE, Family
 
 SEQUENCE_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
+WIDTH_STEP = 32  # an eager decode step reads its busy columns rounded up to this
 
 
 def collate(inputs: list[dict[str, Tensor]], pad_token_id: int) -> dict[str, Tensor]:
@@ -27,66 +37,118 @@ def collate(inputs: list[dict[str, Tensor]], pad_token_id: int) -> dict[str, Ten
     return batch
 
 
-class ModelRunner:
-    """The model, its slots and each slot's next RoPE position ([slots, R]; R = 1, or 4 for M-RoPE)."""
+def batch_buckets(num_slots: int) -> list[int]:
+    """Decode batch sizes a compiled engine runs: powers of two, and all its slots."""
+    return sorted({min(1 << k, num_slots) for k in range(num_slots.bit_length() + 1)})
 
-    def __init__(self, model: nn.Module, family: Family, policy: CachePolicy, slots: KVSlots, pad_token_id: int):
-        self.model, self.family, self.policy, self.slots = model, family, policy, slots
+
+class ModelRunner:
+    """The model, its slots and sampler, and per slot on the device: the next RoPE position
+    ([slots, R]; R = 1, or 4 for M-RoPE), the last token, and whether the slot is busy."""
+
+    def __init__(self, model: nn.Module, family: Family, policy: CachePolicy, slots: KVSlots, sampler: Sampler,
+                 pad_token_id: int, compile: bool):
+        self.model, self.family, self.policy, self.slots, self.sampler = model, family, policy, slots, sampler
         self.pad_token_id = pad_token_id
-        self.cache_keyword = cache_keyword(model)
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
-        rows = 4 if family.model_type in ("qwen2_vl", "qwen2_5_vl") else 1
-        self.next_position = torch.zeros(slots.num_slots, rows, dtype=torch.long, device=self.device)
-        install_hooks(family)
+        install(model, family)
+        num_slots = slots.num_slots
+        self.next_position = torch.zeros(num_slots, 4 if family.model_type in MROPE else 1, dtype=torch.long,
+                                          device=self.device)
+        self.last_token = torch.zeros(num_slots, dtype=torch.long, device=self.device)
+        self.busy = torch.zeros(num_slots, dtype=torch.bool, device=self.device)
+        # A 4-D attention mask is taken as given, so transformers builds none: the backend masks per layer.
+        self.no_mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=self.device)
+        self.compiled = compile
+        self.buckets = batch_buckets(num_slots) if compile else None
+        self.forward = self._decode_forward
+        if compile:
+            self.forward = _compile(self._decode_forward, self.device, [
+                *slots.tensors(), self.next_position, self.last_token, self.busy, self.no_mask], len(self.buckets))
 
     @torch.no_grad()
     def prefill(self, seqs: list[Sequence]) -> Tensor:
-        """Run the prompts through a scratch compressed cache and store each in its slot.
-        Returns the last-position logits [k, vocab]."""
+        """Run the prompts of `seqs` (which hold consecutive slots) and store their kept entries in
+        their slots. Returns the last-position logits [k, vocab]."""
+        first = seqs[0].slot
         inputs = {
             k: v.to(self.device, dtype=self.dtype if v.is_floating_point() else None)
             for k, v in collate([s.inputs for s in seqs], self.pad_token_id).items()
         }
         # positions exactly as generate() builds them (M-RoPE models compute their 3-D index here)
         positions = self.model._prepare_position_ids_for_generation(inputs["input_ids"], dict(inputs))
-        if bool(inputs["attention_mask"].all()):
-            del inputs["attention_mask"]  # as generate() does: no padding, no mask
-        cache = CompressedCache(self.policy, len(self.family.attentions))
-        out = self.model(**inputs, position_ids=positions, **{self.cache_keyword: cache}, use_cache=True,
-                         logits_to_keep=1)
-        slots = torch.tensor([s.slot for s in seqs], device=self.device)
-        for layer_idx, layer in enumerate(cache.layers):
-            self.slots.store_prompt(slots, layer_idx, layer)
-        self.slots.lengths[slots] = cache.lengths
-        self.slots.seen[slots] = cache.seen
-        self.slots.truncation[slots] = cache.truncation
+        real = inputs.pop("attention_mask").bool()
+        lengths = [s.prompt_tokens for s in seqs]
+        batch = PrefillBatch(
+            self.slots, self.policy, first, real, inputs["input_ids"] == self.family.image_token_id,
+            torch.tensor(lengths, device=self.device), pack_order(real), prompt_mask(real),
+            padded=min(lengths) < max(lengths),
+        )
+        out = self.model(**inputs, attention_mask=self.no_mask, position_ids=positions, use_cache=False,
+                         logits_to_keep=1, **{KEYWORD: batch})
+        rows = slice(first, first + len(seqs))
+        self.slots.seen[rows] = batch.lengths
         last = positions[..., -1]  # [B] or [R, B]
-        self.next_position[slots] = (last[:, None] if last.dim() == 1 else last.T) + 1
-        for seq, kept in zip(seqs, cache.lengths.tolist()):
-            seq.kv_entries_prompt = kept
+        self.next_position[rows] = (last[:, None] if last.dim() == 1 else last.T) + 1
+        self.busy[rows] = True
+        self.sampler.admit(first, seqs)
+        for seq in seqs:
+            seq.prompt_stored(self.policy)
         return out.logits[:, -1]
 
     @torch.no_grad()
-    def decode(self, seqs: list[Sequence]) -> Tensor:
-        """Feed each running sequence its last token; seqs[i] owns slot i. Returns logits [n, vocab]."""
-        n = len(seqs)
-        cache = SlotCache(self.slots, n, self.policy)
-        stored = cache.lengths.clone()
-        mask = cache.begin_step()
-        if self.policy.positions == "compact":
-            positions = stored[:, None]
+    def decode(self, n: int, columns: int) -> Tensor:
+        """One step for slots [0, n): feed each its last token. `columns`: the most columns a row uses
+        once this step has written its entry. Returns logits [bucket, vocab] (rows past n pad the batch)."""
+        bucket = n if self.buckets is None else next(b for b in self.buckets if b >= n)
+        size = max(self.slots.sizes)
+        width = size if self.compiled else min(size, -(-columns // WIDTH_STEP) * WIDTH_STEP)
+        return self.forward(DecodeBatch(self.slots, self.policy, self.busy[:bucket], width), bucket)
+
+    def _decode_forward(self, batch: DecodeBatch, bucket: int) -> Tensor:
+        """The decode step as one function of device state (what `EngineConfig.compile` captures)."""
+        active = batch.active
+        self.slots.seen[:bucket] += active
+        if self.policy.positions == "compact":  # rotate at the stored count (the first layer's), not the index
+            positions = self.slots.entries()[0, :bucket, None]
         else:
-            positions = self.next_position[:n]
+            positions = self.next_position[:bucket]
             positions = positions if positions.shape[1] == 1 else positions.T[:, :, None]
-        tokens = torch.tensor([[s.last_token] for s in seqs], device=self.device)
-        out = self.model(
-            input_ids=tokens, attention_mask=None if bool(mask.all()) else mask.long(), position_ids=positions,
-            **{self.cache_keyword: cache}, use_cache=True, logits_to_keep=1,
-        )
-        self.next_position[:n] += 1
-        return out.logits[:, -1]
+        logits = self.model(input_ids=self.last_token[:bucket, None], attention_mask=self.no_mask,
+                            position_ids=positions, use_cache=False, logits_to_keep=1, **{KEYWORD: batch}).logits
+        self.next_position[:bucket] += active[:, None]
+        return logits[:, -1]
+
+    def sample(self, logits: Tensor, first: int, seqs: list[Sequence]) -> tuple[list[int], list[float] | None]:
+        """Draw the next token of the sequences in slots [first, first + n), keep it on the device as
+        their next input, and bring it to the host: the step's one device-to-host transfer."""
+        tokens, logprobs = self.sampler.sample(logits, first, seqs)
+        self.last_token[first : first + len(seqs)] = tokens
+        if logprobs is None:
+            return tokens.tolist(), None
+        both = torch.stack([tokens.double(), logprobs.double()]).tolist()  # ids < 2^53 are exact in float64
+        return [int(t) for t in both[0]], both[1]
 
     def move(self, source: int, target: int) -> None:
         self.slots.move(source, target)
-        self.next_position[target] = self.next_position[source]
+        self.sampler.move(source, target)
+        for t in (self.next_position, self.last_token):
+            t[target] = t[source]
+
+    def set_busy(self, n: int) -> None:
+        """Slots [0, n) hold sequences, the rest are free."""
+        self.busy[:n] = True
+        self.busy[n:] = False
+
+
+def _compile(forward, device: torch.device, state: list[Tensor], buckets: int):
+    """`forward` under torch.compile, whole (fullgraph: a graph break is an error), one graph per
+    batch bucket; on CUDA replayed as CUDA graphs, with the state's addresses fixed."""
+    if device.type == "cuda":
+        for tensor in state:
+            torch._dynamo.mark_static_address(tensor)
+    # each bucket is one more compiled graph of the same code (and each engine one more set)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 8 * buckets)
+    mode = "reduce-overhead" if device.type == "cuda" else None
+    return torch.compile(forward, fullgraph=True, dynamic=False, mode=mode)

@@ -1,158 +1,113 @@
-"""Fixed-size KV slots: one preallocated buffer per layer, one slot per running sequence.
+"""Fixed-size KV slots: the engine's one KV layout, written by the prompt stage and by every decode step.
 
-Layout: slot s of layer l holds its entries left-aligned in `keys[l][s, :, :lengths[s]]`,
-in the order the method keeps them. Busy slots are always `[0, n)` (the scheduler moves the
-last busy slot into a freed one), so a decode step works on plain views `buffer[:n]`.
+Layer l keeps up to `sizes[l]` entries per slot: `keys[l][slot, head, column]` (values, positions
+and scores alike). Row state is per layer, so layers may keep different counts:
+
+- `lengths[l, slot]`: columns in use, [0, lengths) (entries are never moved, so this also bounds
+  what a step reads);
+- `free[l, slot, head]`: the column the last step evicted, -1 if none. The next step writes its
+  entry there, so eviction never shifts memory; until then the column is dead (masked by the
+  attention backend only through `lengths`, which it never exceeds: a step fills the hole first).
+
+The prompt stage writes the kept entries in position order into [0, C0); entries before a row's
+truncation point are never evicted, so they stay in columns [0, truncation) in order (the
+eviction rule relies on that). Busy slots are always [0, n): the scheduler moves the last busy
+slot into a freed one.
 """
 
 import torch
 from torch import Tensor
-from transformers.cache_utils import CacheLayerMixin
 
-from elastic_ray.hf.cache import CompressedLayer, PolicyCache
+from elastic_ray.kv.entries import CompressedEntries
 from elastic_ray.kv.policy import CachePolicy
 
 
 class KVSlots:
-    """Per-layer key/value buffers [slots, kv_heads, slot_size, head_dim] and per-slot state."""
+    """Per-layer key/value buffers [slots, kv_heads, size, head_dim] and per-layer, per-slot state."""
 
-    def __init__(self, num_layers: int, num_slots: int, slot_size: int, kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device, with_scores: bool):
-        shape = (num_slots, kv_heads, slot_size)
+    def __init__(self, num_slots: int, sizes: list[int], kv_heads: int, head_dim: int, dtype: torch.dtype, device,
+                 with_scores: bool):
         # zeros, not empty: masked columns are still multiplied, and 0 * NaN would poison a row
-        self.keys = [torch.zeros(*shape, head_dim, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.values = [torch.zeros(*shape, head_dim, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.positions = [torch.full(shape, -1, dtype=torch.int32, device=device) for _ in range(num_layers)]
-        self.scores = [torch.zeros(shape, dtype=torch.float32, device=device) for _ in range(num_layers)] if with_scores else None
-        self.lengths = torch.zeros(num_slots, dtype=torch.long, device=device)
-        self.seen = torch.zeros(num_slots, dtype=torch.long, device=device)
-        self.truncation = torch.zeros(num_slots, dtype=torch.long, device=device)
-        self.num_slots, self.slot_size = num_slots, slot_size
+        self.keys = [torch.zeros(num_slots, kv_heads, s, head_dim, dtype=dtype, device=device) for s in sizes]
+        self.values = [torch.zeros(num_slots, kv_heads, s, head_dim, dtype=dtype, device=device) for s in sizes]
+        self.positions = [torch.full((num_slots, kv_heads, s), -1, dtype=torch.int32, device=device) for s in sizes]
+        self.scores = ([torch.zeros(num_slots, kv_heads, s, dtype=torch.float32, device=device) for s in sizes]
+                       if with_scores else None)
+        layers = len(sizes)
+        self.lengths = torch.zeros(layers, num_slots, dtype=torch.long, device=device)
+        self.free = torch.full((layers, num_slots, kv_heads), -1, dtype=torch.long, device=device)
+        self.truncation = torch.zeros(layers, num_slots, dtype=torch.long, device=device)
+        self.seen = torch.zeros(num_slots, dtype=torch.long, device=device)  # real tokens fed, prompt included
+        self.rows = torch.arange(num_slots, device=device)
+        self.heads = torch.arange(kv_heads, device=device)
+        self.num_slots, self.sizes = num_slots, sizes
 
     @property
     def kv_bytes(self) -> int:
         """Bytes of the key/value buffers: what the KV memory budget pays for."""
         return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
 
-    def store_prompt(self, slots: Tensor, layer_idx: int, layer: CompressedLayer) -> None:
-        """Copy a prefilled batch's compressed layer (rows right-aligned) into `slots` (left-aligned)."""
-        width = min(layer.width, self.slot_size)
-        if int(layer.lengths.max()) > width:
-            raise RuntimeError("a compressed prompt does not fit its slot")
-        self.keys[layer_idx][slots, :, :width] = layer.logical(layer.keys)[:, :, :width]
-        self.values[layer_idx][slots, :, :width] = layer.logical(layer.values)[:, :, :width]
-        self.positions[layer_idx][slots, :, :width] = layer.logical(layer.positions)[:, :, :width].int()
+    def tensors(self) -> list[Tensor]:
+        """Every tensor a decode step reads or writes (CUDA graphs need their addresses fixed)."""
+        return [*self.keys, *self.values, *self.positions, *(self.scores or []),
+                self.lengths, self.free, self.truncation, self.seen, self.rows, self.heads]
+
+    def entries(self) -> Tensor:
+        """[layers, slots] entries stored (the evicted, dead column not counted)."""
+        return self.lengths - (self.free[:, :, 0] >= 0).long()
+
+    def store_prompt(self, layer: int, first: int, kept: CompressedEntries, truncation: Tensor,
+                     scores: Tensor | None) -> None:
+        """Write a prefilled batch's kept entries (packed left, in position order) into slots
+        [first, first + B) of `layer`, and reset those slots' state for that layer."""
+        batch, _, width, _ = kept.keys.shape
+        if width > self.sizes[layer]:
+            raise RuntimeError(f"a compressed prompt of {width} entries does not fit a slot of {self.sizes[layer]}")
+        rows = slice(first, first + batch)
+        self.keys[layer][rows, :, :width] = kept.keys
+        self.values[layer][rows, :, :width] = kept.values
+        self.positions[layer][rows] = -1
+        self.positions[layer][rows, :, :width] = kept.positions.to(torch.int32)
         if self.scores is not None:
-            self.scores[layer_idx][slots] = 0.0
-            if layer.scores is not None:
-                self.scores[layer_idx][slots, :, :width] = layer.logical(layer.scores)[:, :, :width].float()
+            self.scores[layer][rows] = 0.0
+            if scores is not None:
+                self.scores[layer][rows, :, :width] = scores
+        self.lengths[layer, rows] = kept.lengths
+        self.free[layer, rows] = -1
+        self.truncation[layer, rows] = truncation
+
+    def append(self, layer: int, key: Tensor, value: Tensor, active: Tensor) -> Tensor:
+        """Write each row's new entry (key, value [n, H, D]) into the column its last step freed, or
+        after its entries; rows [0, n) are slots [0, n), inactive ones (batch padding) write column 0
+        of their free slot and change nothing else. Returns the rows' lengths after the write [n]."""
+        n, heads = key.shape[:2]
+        free = self.free[layer, :n]
+        lengths = self.lengths[layer, :n]
+        column = torch.where(active[:, None], torch.where(free >= 0, free, lengths[:, None]), 0)
+        index = (self.rows[:n, None], self.heads[None, :], column)
+        self.keys[layer].index_put_(index, key)
+        self.values[layer].index_put_(index, value)
+        self.positions[layer].index_put_(index, (self.seen[:n, None] - 1).to(torch.int32).expand(n, heads))
+        if self.scores is not None:
+            self.scores[layer].index_put_(index, torch.zeros(n, heads, dtype=torch.float32, device=key.device))
+        lengths = lengths + (active & (free[:, 0] < 0)).long()
+        self.lengths[layer, :n] = lengths
+        return lengths
+
+    def evict(self, layer: int, lengths: Tensor, active: Tensor, width: int, policy: CachePolicy) -> None:
+        """After the step's attention: each over-budget row frees its victim's column (spec §10)."""
+        n = lengths.shape[0]
+        seen = self.seen[:n]
+        over = policy.over_budget(lengths, seen) & active
+        scores = None if self.scores is None else self.scores[layer][:n, :, :width]
+        victims = policy.victims(self.positions[layer][:n, :, :width], lengths, self.truncation[layer, :n], seen, scores)
+        self.free[layer, :n] = torch.where(over[:, None], victims, -1)
 
     def move(self, source: int, target: int) -> None:
         """Copy slot `source` into slot `target` (compaction after a sequence finishes)."""
         for tensors in (self.keys, self.values, self.positions, self.scores or []):
             for t in tensors:
                 t[target] = t[source]
-        for t in (self.lengths, self.seen, self.truncation):
-            t[target] = t[source]
-
-
-class SlotLayer(CacheLayerMixin):
-    """One layer's busy slots during one decode step; `keys`/`values` are views of the buffer."""
-
-    compressed = True
-    is_compileable = False
-    is_croppable = False
-    is_sliding = False
-
-    def __init__(self, keys: Tensor, values: Tensor, positions: Tensor, scores: Tensor | None, lengths: Tensor):
-        super().__init__()
-        self.buffers = (keys, values, positions, scores)  # [n, H, slot_size, *] views
-        self.lengths = lengths.clone()
-        self.width = int(lengths.max()) + 1  # stored entries of the longest slot, plus the new token
-        self.keys, self.values, self.positions, self.scores = (
-            None if t is None else t[:, :, : self.width] for t in self.buffers
-        )
-        self.is_initialized = True
-
-    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
-        """Nothing to do: the buffers exist before the step."""
-
-    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
-        if key_states.shape[-2] != 1:
-            raise RuntimeError("a slot cache takes one token per sequence per forward")
-        column = self.lengths[:, None, None, None].expand(*key_states.shape)
-        self.keys.scatter_(2, column, key_states)
-        self.values.scatter_(2, column, value_states)
-        self.lengths = self.lengths + 1
-        return self.keys, self.values
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.width, 0
-
-    def get_seq_length(self) -> int:
-        return self.width - 1
-
-    def get_max_length(self) -> int:
-        return self.buffers[0].shape[2]
-
-    def valid(self) -> Tensor:
-        """[n, W] bool, the columns that hold entries."""
-        return torch.arange(self.width, device=self.lengths.device)[None, :] < self.lengths[:, None]
-
-    def logical(self, tensor: Tensor) -> Tensor:
-        return tensor  # left-aligned: physical order is logical order
-
-    def record_new_positions(self, seen: Tensor) -> None:
-        """Label the entry just appended with its original token index."""
-        column = (self.lengths - 1)[:, None, None].expand(-1, self.positions.shape[1], 1)
-        self.positions.scatter_(2, column, (seen - 1)[:, None, None].expand_as(column).to(self.positions.dtype))
-
-    def evict(self, rows: Tensor, victims: Tensor) -> None:
-        """Delete entry `victims[b, h]` of each row in `rows`, shifting newer entries left.
-
-        Only columns from the lowest victim on move: Elastic Cache evicts at a fixed point near
-        the end, so a step copies a few columns per row, not the whole cache.
-        """
-        if not bool(rows.any()):
-            return
-        first = int(victims[rows].min())
-        column = torch.arange(first, self.width, device=rows.device)[None, None, :]
-        index = (column + (rows[:, None, None] & (column >= victims[:, :, None])).long()).clamp(max=self.width - 1)
-        index -= first
-        for view in (self.keys, self.values, self.positions, self.scores):
-            if view is not None:
-                window = view[:, :, first:]
-                gather_index = index if view.dim() == 3 else index[..., None].expand(*index.shape, view.shape[-1])
-                window.copy_(window.gather(2, gather_index))
-        self.lengths = self.lengths - rows.long()
-
-
-class SlotCache(PolicyCache):
-    """The busy slots `[0, n)` of `KVSlots` as a transformers cache, for one decode forward."""
-
-    prefilled = True
-
-    def __init__(self, slots: KVSlots, n: int, policy: CachePolicy):
-        scores = slots.scores or [None] * len(slots.keys)
-        layers = [
-            SlotLayer(k[:n], v[:n], p[:n], None if s is None else s[:n], slots.lengths[:n])
-            for k, v, p, s in zip(slots.keys, slots.values, slots.positions, scores)
-        ]
-        super().__init__(policy, layers)
-        self.slots, self.n = slots, n
-        self.seen = slots.seen[:n].clone()
-        self.truncation = slots.truncation[:n]
-
-    def get_query_offset(self, layer_idx: int = 0) -> int:
-        return self.layers[0].width - 1  # every stored column is causally visible to the new token
-
-    def begin_step(self) -> Tensor:
-        """Advance one token; returns the 2-D mask [n, W]: stored entries plus the new one."""
-        stored = self.layers[0].lengths
-        self.seen = self.seen + 1
-        self.evicting = self.policy.over_budget(stored + 1, self.seen)
-        return torch.arange(self.layers[0].width, device=stored.device)[None, :] <= stored[:, None]
-
-    def end_step(self) -> None:
-        self.slots.lengths[: self.n] = self.layers[0].lengths
-        self.slots.seen[: self.n] = self.seen
+        for t in (self.lengths, self.free, self.truncation):
+            t[:, target] = t[:, source]
+        self.seen[target] = self.seen[source]

@@ -170,41 +170,29 @@ class CompressedLayer(CacheLayerMixin):
         raise NotImplementedError("batch expansion is not supported with a compressed cache")
 
 
-class PolicyCache(Cache):
-    """A cache the attention hooks drive with a `CachePolicy`.
+class CompressedCache(Cache):
+    """One `CompressedLayer` per decoder layer, for one `generate()` call, driven by the hooks.
 
     `seen` [B] counts real tokens (prompt without pads, plus tokens fed since); `truncation`
     [B] is each row's fixed eviction index; `evicting` [B] flags rows over budget this step.
-    Its layers expose `compressed`, `lengths`, `keys`, `scores`, `width`, `valid()`,
-    `logical()`, `record_new_positions()` and `evict()`.
     """
 
-    def __init__(self, policy: CachePolicy, layers: list):
-        super().__init__(layers=layers)
+    def __init__(self, policy: CachePolicy, num_layers: int):
+        super().__init__(layers=[CompressedLayer() for _ in range(num_layers)])
         self.policy = policy
         self.seen: Tensor | None = None
         self.truncation: Tensor | None = None
         self.evicting: Tensor | None = None
+        self.real: Tensor | None = None  # [B, S] the raw prompt's non-pad columns
+        self.order: Tensor | None = None  # [B, S] those columns first, in order
+        self.history: list[Tensor] = []  # lengths after each forward, one [B] tensor per step
 
     @property
     def lengths(self) -> Tensor:
         return self.layers[0].lengths
 
-    def end_step(self) -> None:
-        """Called by the last layer's hook after each decode forward."""
-
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("a compressed cache cannot be cropped")
-
-
-class CompressedCache(PolicyCache):
-    """One `CompressedLayer` per decoder layer, for one `generate()` call."""
-
-    def __init__(self, policy: CachePolicy, num_layers: int):
-        super().__init__(policy, [CompressedLayer() for _ in range(num_layers)])
-        self.real: Tensor | None = None  # [B, S] the raw prompt's non-pad columns
-        self.order: Tensor | None = None  # [B, S] those columns first, in order
-        self.history: list[Tensor] = []  # lengths after each forward, one [B] tensor per step
 
     @property
     def prefilled(self) -> bool:

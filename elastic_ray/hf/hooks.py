@@ -1,8 +1,7 @@
 """Forward hooks that drive a `PolicyCache` inside transformers' own forward.
 
-- On the decoder stack (pre-hook, `CompressedCache` only): start the prompt or the step, swap
-  the 2-D mask for one over the stored entries, and rotate the new token at its compact
-  position if asked. The engine's slot cache prepares its steps itself.
+- On the decoder stack (pre-hook): start the prompt or the step, swap the 2-D mask for one over
+  the stored entries, and rotate the new token at its compact position if asked.
 - On every attention module (post-hook): score the prompt and compress it right after the
   layer's own prompt attention; during decoding, accumulate scores and evict.
 
@@ -12,7 +11,7 @@ The hooks do nothing for any other cache, so they stay installed for the model's
 import torch
 from torch import nn
 
-from elastic_ray.hf.cache import CompressedCache, PolicyCache, passed_cache
+from elastic_ray.hf.cache import CompressedCache, passed_cache
 from elastic_ray.kv.importance import attention_column_sums, reduce_heads
 from elastic_ray.models.family import Family, attention_queries
 
@@ -39,12 +38,13 @@ def _decoder_pre_hook(module: nn.Module, args: tuple, kwargs: dict):
 def _attention_post_hook(cache_layers: int):
     def hook(module: nn.Module, args: tuple, kwargs: dict, output):
         cache = passed_cache(kwargs)
-        if not isinstance(cache, PolicyCache):
+        if not isinstance(cache, CompressedCache):
             return None
         layer = cache.layers[module.layer_idx]
         policy = cache.policy
         if not layer.compressed:
-            scores = _scores(module, kwargs, layer.keys, cache.real, cache.real, 0, policy.prompt_scores)
+            queries = _queries(module, kwargs)
+            scores = policy.prompt_importance(queries, layer.keys, module.scaling, cache.real, None)
             packed = None if scores is None else _pack(scores, cache.order)
             per_head = packed if policy.prompt_scores == "kv" else None
             layer.compress_prompt(policy.select_prompt(packed, cache.seen), cache.order, per_head)
@@ -56,9 +56,12 @@ def _attention_post_hook(cache_layers: int):
         if policy.decode_scores:
             valid = layer.valid()
             new = torch.ones(valid.shape[0], 1, dtype=torch.bool, device=valid.device)
-            layer.scores += _scores(module, kwargs, layer.keys, valid, new, layer.width - 1, "kv")
+            received = attention_column_sums(_queries(module, kwargs), layer.keys, module.scaling, valid, new,
+                                             layer.width - 1)
+            layer.scores += reduce_heads(received, "kv", layer.keys.shape[1])
             scores = layer.logical(layer.scores)
-        layer.evict(cache.evicting, policy.victims(scores, layer.lengths, cache.truncation, layer.keys.shape[1]))
+        victims = policy.victims(layer.logical(layer.positions), layer.lengths, cache.truncation, cache.seen, scores)
+        layer.evict(cache.evicting, victims)
         if module.layer_idx == cache_layers - 1:
             cache.end_step()
         return None
@@ -66,13 +69,9 @@ def _attention_post_hook(cache_layers: int):
     return hook
 
 
-def _scores(module, kwargs, keys, key_valid, query_valid, query_offset, mode):
-    """Attention each stored key received from this forward's queries, reduced as the method asks."""
-    if mode is None:
-        return None
-    queries = attention_queries(module, kwargs["hidden_states"], kwargs["position_embeddings"])
-    sums = attention_column_sums(queries, keys, module.scaling, key_valid, query_valid, query_offset)
-    return reduce_heads(sums, mode, keys.shape[1])
+def _queries(module: nn.Module, kwargs: dict) -> torch.Tensor:
+    """This forward's rotated queries, recomputed from the attention module's inputs."""
+    return attention_queries(module, kwargs["hidden_states"], kwargs["position_embeddings"])
 
 
 def _pack(scores: torch.Tensor, order: torch.Tensor) -> torch.Tensor:

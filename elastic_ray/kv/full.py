@@ -2,7 +2,6 @@
 
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
 from elastic_ray.kv.entries import Selection, real_mask
@@ -21,5 +20,3 @@ class FullCache(CachePolicy):
         width = int(lengths.max())
         return Selection(keep=real_mask(lengths, width)[:, None, :])
 
-    def victims(self, scores, cache_lens, truncation, heads):
-        return torch.full((cache_lens.shape[0], heads), -1, device=cache_lens.device)

@@ -47,9 +47,16 @@ class H2OCache(CachePolicy):
         heavy = older[:, None, :] & (rank < (kept - recent)[:, None, None])
         return Selection(keep=heavy | in_window[:, None, :])
 
-    def victims(self, scores: Tensor | None, cache_lens: Tensor, truncation: Tensor, heads: int) -> Tensor:
-        """The least-attended entry outside the recent window, per KV head (ties: the oldest)."""
-        width = scores.shape[-1]
-        recent = self.recent(cache_lens - 1)
-        eligible = torch.arange(width, device=scores.device)[None, :] < (cache_lens - recent)[:, None]
-        return scores.float().masked_fill(~eligible[:, None, :], math.inf).argmin(dim=-1)
+    def victims(self, positions: Tensor, lengths: Tensor, truncation: Tensor, seen: Tensor,
+                scores: Tensor | None) -> Tensor:
+        """The least-attended entry outside the recent window, per KV head (ties: the oldest).
+
+        The window holds the `recent` newest entries, and they are always the newest positions
+        [seen - recent, seen): the window is never evicted and grows by at most one per step.
+        """
+        columns = torch.arange(positions.shape[-1], device=positions.device)
+        window_start = seen - self.recent(lengths - 1)
+        eligible = (columns < lengths[:, None])[:, None, :] & (positions < window_start[:, None, None])
+        masked = scores.float().masked_fill(~eligible, math.inf)
+        least = eligible & (masked == masked.amin(-1, keepdim=True))
+        return positions.masked_fill(~least, torch.iinfo(positions.dtype).max).argmin(-1)

@@ -8,6 +8,7 @@ from torch import Tensor
 
 from elastic_ray.kv.budget import EPS, peak_entries, prompt_kept
 from elastic_ray.kv.entries import Selection, real_mask
+from elastic_ray.kv.importance import attention_column_sums, reduce_heads
 
 
 @dataclass(frozen=True)
@@ -72,11 +73,29 @@ class CachePolicy:
         """Choose the prompt entries to keep; scores are [B, T] ("mean") or [B, H, T] ("kv")."""
         raise NotImplementedError
 
-    def victims(self, scores: Tensor | None, cache_lens: Tensor, truncation: Tensor, heads: int) -> Tensor:
-        """[B, heads] index of the entry each over-budget row evicts (its value on other rows is unused)."""
-        # A row shorter than its truncation point evicts its newest entry.
-        return torch.minimum(truncation, cache_lens - 1)[:, None].expand(-1, heads)
+    def prompt_importance(self, queries: Tensor, keys: Tensor, scaling: float, real: Tensor,
+                          image: Tensor | None) -> Tensor | None:
+        """What `select_prompt` ranks the prompt by: the attention each key received, from the
+        layer's own rotated queries [B, Hq, S, D] over its keys [B, Hkv, S, D] (rows left-padded;
+        real and image [B, S] bool). [B, S] ("mean"), [B, Hkv, S] ("kv") or None."""
+        if self.prompt_scores is None:
+            return None
+        sums = attention_column_sums(queries, keys, scaling, real, real, 0)
+        return reduce_heads(sums, self.prompt_scores, keys.shape[1])
 
+    def victims(self, positions: Tensor, lengths: Tensor, truncation: Tensor, seen: Tensor,
+                scores: Tensor | None) -> Tensor:
+        """[B, H] the column each row evicts if it is over budget (unused on other rows).
+
+        positions [B, H, W]: original token index of the entry in each column; row b's entries fill
+        columns [0, lengths[b]) in any order, except that entries before the truncation point never
+        move, so the first `truncation[b]` columns hold the row's oldest entries. Here: the oldest
+        entry at or after the truncation point, or the newest if the row is shorter than that.
+        """
+        start = torch.minimum(truncation, lengths - 1)
+        columns = torch.arange(positions.shape[-1], device=positions.device)
+        region = (columns >= start[:, None]) & (columns < lengths[:, None])
+        return positions.masked_fill(~region[:, None, :], torch.iinfo(positions.dtype).max).argmin(-1)
 
 def keep_first_and_last(lengths: Tensor, width: int, first: int, last: Tensor) -> Tensor:
     """[B, 1, width] bool: the first `first` and the last `last[b]` real entries of each row."""
