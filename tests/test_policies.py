@@ -24,6 +24,8 @@ from elastic_ray.kv.entries import apply_selection
         ({"method": "elastic", "budget": 0.5, "sink": True}, r"elastic option sink must be int, got True"),
         ({"method": "elastic", "budget": 0.5, "merge": 0}, r"elastic option merge must be bool"),
         ({"method": "h2o", "budget": 0.5, "recent_ratio": "half"}, r"h2o option recent_ratio must be float"),
+        ({"method": "elastic", "budget": 0.5, "offset": 2**63}, r"elastic option offset must be within \+-2147483647"),
+        ({"method": "streaming", "budget": 0.5, "sink": -(10**30)}, r"streaming option sink must be within"),
     ],
 )
 def test_bad_configurations_raise_value_error_naming_what_is_allowed(kwargs, message):

@@ -25,6 +25,15 @@ class Refused(ValueError):
         self.field = field
 
 
+class RequestFailed(RuntimeError):
+    """The engine could not finish this request, and this request alone (its prefill or its text
+    failed); `output` is its RequestOutput, finish_reason "error", with the reason."""
+
+    def __init__(self, output: RequestOutput):
+        super().__init__(f"the request failed: {output.error}")
+        self.output = output
+
+
 class LoopStopped(RuntimeError):
     """The loop is closed, or stopped after a failure; nothing more runs."""
 
@@ -59,9 +68,9 @@ class EngineLoop:
     the loop first aborts cancelled work, then adds new work to the engine for its cache
     policy, made on first use; with `max_engines` engines already, the least recently used idle
     one is dropped first, and work waits while every engine is busy. Then it steps each engine
-    with unfinished requests once and delivers the outputs. An exception from a step is a bug or
-    a device fault: every pending submission gets `EngineFailed`, the loop stops and `error`
-    stays set.
+    with unfinished requests once and delivers the outputs; a request the engine failed alone
+    gets `RequestFailed`. An exception from a step is a bug or a device fault: every pending
+    submission gets `EngineFailed`, the loop stops and `error` stays set.
     """
 
     def __init__(self, make_engine: Callable[[CacheConfig], Engine], max_engines: int, first: CacheConfig):
@@ -132,7 +141,9 @@ class EngineLoop:
                 for output in engine.step():
                     key = (cache, output.request_id)
                     submission = self._running.pop(key) if output.finished else self._running[key]
-                    if output.finished or submission.stream:
+                    if output.finish_reason == "error":
+                        submission.deliver(RequestFailed(output))
+                    elif output.finished or submission.stream:
                         submission.deliver(output)
         return True
 

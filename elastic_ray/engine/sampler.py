@@ -77,8 +77,10 @@ def _draw(logits: Tensor, greedy: Tensor, temperature: Tensor, top_p: Tensor, no
     probs = ((logits - logits.amax(-1, keepdim=True)) / temperature[:, None]).softmax(-1)
     if nucleus:
         sorted_probs, order = probs.sort(-1, descending=True)
-        # keep the smallest prefix whose mass reaches top_p (the top token always stays)
+        # keep the smallest prefix whose mass reaches top_p, and always the top token (a top_p that
+        # underflows float32 to 0 would otherwise keep nothing)
         outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p[:, None]
+        outside[:, 0] = False
         probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
     sampled = (probs / noise).argmax(-1)
     samples = (temperature > 0) & torch.isfinite(probs).all(-1)

@@ -10,6 +10,8 @@ from elastic_ray.kv.budget import EPS, peak_entries, prompt_kept
 from elastic_ray.kv.entries import Selection, real_mask
 from elastic_ray.kv.importance import attention_column_sums, reduce_heads
 
+MAX_INT_OPTION = 2**31 - 1
+
 
 @dataclass(frozen=True)
 class CachePolicy:
@@ -32,6 +34,8 @@ class CachePolicy:
             kind = {"float": (int, float), "int": (int,), "bool": (bool,), "str": (str,)}[option.type.__name__]
             if not isinstance(value, kind) or (isinstance(value, bool) and option.type is not bool):
                 raise ValueError(f"{self.name} option {option.name} must be {option.type.__name__}, got {value!r}")
+            if option.type is int and abs(value) > MAX_INT_OPTION:  # counts of entries: positions are int32
+                raise ValueError(f"{self.name} option {option.name} must be within +-{MAX_INT_OPTION}, got {value!r}")
         if not 0.0 < self.budget <= 1.0:
             raise ValueError(f"budget must be in (0, 1], got {self.budget!r}")
 
