@@ -3,7 +3,9 @@
 import pytest
 import torch
 
-from conftest import encode
+from conftest import INSTRUCTIONS, encode
+from elastic_ray import EngineConfig, SamplingParams
+from elastic_ray.engine.engine import Engine
 from elastic_ray.hf.generate import generate_compressed
 from elastic_ray.kv import ElasticCache, H2OCache
 from elastic_ray.kv import importance
@@ -30,9 +32,20 @@ def eager_column_sums(model, inputs):
     return sums
 
 
+def run_prompt_stage(path: str, model, inputs, images, policy):
+    """The prompt stage of `policy` on the three prompts, through generate() or through the engine."""
+    if path == "generate":
+        generate_compressed(model[0], inputs, policy, max_new_tokens=1)
+        return
+    engine = Engine(*model, policy, EngineConfig(max_num_seqs=3, max_tokens=1))
+    outputs = engine.generate([{"image": i, "prompt": t} for i, t in zip(images, INSTRUCTIONS)], SamplingParams(max_tokens=1))
+    assert engine.steps == {"prefill": 1, "decode": 0} and all(o.finish_reason == "length" for o in outputs)
+
+
 @pytest.mark.parametrize("build", [random_llava, random_qwen2_vl], ids=["llava", "qwen2_vl_gqa"])
 @pytest.mark.parametrize("chunk_elements", [importance.CHUNK_ELEMENTS, 64])
-def test_scores_seen_by_the_method_equal_eager_column_sums(build, chunk_elements, images, monkeypatch):
+@pytest.mark.parametrize("path", ["generate", "engine"])
+def test_scores_seen_by_the_method_equal_eager_column_sums(build, chunk_elements, path, images, monkeypatch):
     eager = build(attn_implementation="eager")
     sdpa = build(attn_implementation="sdpa")
     inputs = encode(sdpa, images)
@@ -49,7 +62,7 @@ def test_scores_seen_by_the_method_equal_eager_column_sums(build, chunk_elements
             return original(self, scores, lengths)
 
         monkeypatch.setattr(cls, "select_prompt", spy)
-        generate_compressed(sdpa[0], inputs, cls(budget=0.5), max_new_tokens=1)
+        run_prompt_stage(path, sdpa, inputs, images, cls(budget=0.5))
 
     order = pack_order(real)
     kv_heads = sdpa[0].config.get_text_config().num_key_value_heads
@@ -58,6 +71,22 @@ def test_scores_seen_by_the_method_equal_eager_column_sums(build, chunk_elements
         torch.testing.assert_close(seen["mean"][layer], packed.mean(1), rtol=0, atol=1e-5)
         groups = packed.view(packed.shape[0], kv_heads, -1, packed.shape[-1]).sum(2)
         torch.testing.assert_close(seen["kv"][layer], groups, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("policy", [ElasticCache(budget=0.5), H2OCache(budget=0.5)], ids=["elastic", "h2o"])
+def test_the_engine_scores_from_each_layers_own_queries_without_recomputing_them(policy, tiny_llava, images):
+    projections = [layer.self_attn.q_proj for layer in tiny_llava[0].model.language_model.layers]
+    calls = []
+    hooks = [q.register_forward_hook(lambda module, args, out: calls.append(module)) for q in projections]
+    try:
+        engine = Engine(*tiny_llava, policy, EngineConfig(max_num_seqs=3, max_tokens=4))
+        engine.generate([{"image": i, "prompt": t} for i, t in zip(images, INSTRUCTIONS)],
+                        SamplingParams(max_tokens=4, ignore_eos=True))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    steps = engine.steps["prefill"] + engine.steps["decode"]
+    assert engine.steps["prefill"] == 1 and len(calls) == steps * len(projections)  # once per layer per forward
 
 
 def test_pad_query_rows_add_nothing_and_pad_keys_get_nothing():

@@ -28,7 +28,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from elastic_ray.engine.slots import KVSlots
 from elastic_ray.kv.entries import apply_selection
-from elastic_ray.kv.importance import attention_column_sums, reduce_heads
+from elastic_ray.kv.importance import attention_received, reduce_heads
 from elastic_ray.kv.policy import CachePolicy
 from elastic_ray.models.family import Family
 
@@ -104,7 +104,8 @@ def decode_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tenso
     allowed = (torch.arange(width, device=query.device)[None, :] < lengths[:, None])[:, None, None, :]
     output = _run(kernel, module, query, keys, values, allowed)
     if policy.decode_scores:  # the attention each stored entry just received, per KV head
-        received = attention_column_sums(query, keys, module.scaling, allowed[:, 0, 0], batch.active[:, None], width - 1)
+        received = attention_received(query, keys, module.scaling, allowed[:, 0, 0])
+        received = torch.where(batch.active[:, None, None], received, 0.0)  # padding rows add nothing
         slots.scores[layer][:n, :, :width] += reduce_heads(received, "kv", keys.shape[1])
     if policy.evicts:
         slots.evict(layer, lengths, batch.active, width, policy)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from elastic_ray.hf.cache import CompressedCache, passed_cache
-from elastic_ray.kv.importance import attention_column_sums, reduce_heads
+from elastic_ray.kv.importance import attention_received, reduce_heads
 from elastic_ray.models.family import Family, attention_queries
 
 
@@ -54,10 +54,7 @@ def _attention_post_hook(cache_layers: int):
         layer.record_new_positions(cache.seen)
         scores = None
         if policy.decode_scores:
-            valid = layer.valid()
-            new = torch.ones(valid.shape[0], 1, dtype=torch.bool, device=valid.device)
-            received = attention_column_sums(_queries(module, kwargs), layer.keys, module.scaling, valid, new,
-                                             layer.width - 1)
+            received = attention_received(_queries(module, kwargs), layer.keys, module.scaling, layer.valid())
             layer.scores += reduce_heads(received, "kv", layer.keys.shape[1])
             scores = layer.logical(layer.scores)
         victims = policy.victims(layer.logical(layer.positions), layer.lengths, cache.truncation, cache.seen, scores)
