@@ -129,3 +129,60 @@ def _tolist_line() -> int:
 
     lines, start = inspect.getsourcelines(runner.ModelRunner.sample)
     return start + next(i for i, line in enumerate(lines) if "return tokens.tolist()" in line)
+
+
+def run_compiled(model, cache: CacheConfig, images, backend, monkeypatch):
+    """Requests joining and finishing mid-flight on a compiled engine (graphs made by `backend`) and on
+    an eager one; returns both outputs and the compiled engine."""
+    torch._dynamo.reset()
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **options: compile_(fn, **{**options, "backend": backend}))
+    requests = [{"image": images[i % 3], "prompt": INSTRUCTIONS[i % 3]} for i in range(4)]
+    outputs = {}
+    for compiled in (True, False):
+        engine = Engine(*model, cache.policy, EngineConfig(max_num_seqs=3, max_tokens=12, compile=compiled))
+        for i, request in enumerate(requests):
+            engine.add_request(request, SamplingParams(max_tokens=6 + 2 * i, ignore_eos=True), request_id=i)
+        finished = {}
+        while engine.has_unfinished():
+            finished.update((o.request_id, o) for o in engine.step() if o.finished)
+        outputs[compiled] = [finished[i].token_ids for i in range(len(requests))]
+        if compiled:
+            compiled_engine = engine
+    return outputs[True], outputs[False], compiled_engine
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method,budget,options", METHODS)
+@pytest.mark.parametrize("fixture", ["tiny_llava", "tiny_qwen"])
+def test_the_decode_step_compiles_whole_into_one_graph_whatever_the_lengths_and_batch(method, budget, options, fixture, request,
+                                                                    images, monkeypatch):
+    model = request.getfixturevalue(fixture)
+    if options.get("positions") == "compact" and fixture != "tiny_llava":
+        pytest.skip("M-RoPE models rotate at the original positions only")
+    graphs = []
+
+    def count_graphs(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    # fullgraph=True: a graph break would raise instead of splitting the step
+    compiled, eager, engine = run_compiled(model, CacheConfig(method, budget, **options), images, count_graphs,
+                                           monkeypatch)
+    assert compiled == eager
+    assert engine.compiled and engine.runner.buckets == [2, 3]
+    # lengths changed at every step, and the running requests went 3, 2, 1 (buckets 3 and 2)
+    assert len(graphs) == 1
+
+
+@pytest.mark.slow
+def test_inductor_compiled_steps_generate_what_eager_steps_do(tiny_llava, images, monkeypatch):
+    compiled, eager, _ = run_compiled(tiny_llava, CacheConfig("elastic", 0.5), images, "inductor", monkeypatch)
+    assert compiled == eager
+
+
+def test_compiling_is_the_device_default_only_on_cuda(tiny_llava):
+    assert not Engine(*tiny_llava, CacheConfig().policy, EngineConfig()).compiled
+    assert Engine(*tiny_llava, CacheConfig().policy, EngineConfig(compile=True)).compiled
+    with pytest.raises(ValueError, match="compile must be True, False or None"):
+        EngineConfig(compile="yes")

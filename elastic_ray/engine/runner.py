@@ -38,8 +38,9 @@ def collate(inputs: list[dict[str, Tensor]], pad_token_id: int) -> dict[str, Ten
 
 
 def batch_buckets(num_slots: int) -> list[int]:
-    """Decode batch sizes a compiled engine runs: powers of two, and all its slots."""
-    return sorted({min(1 << k, num_slots) for k in range(num_slots.bit_length() + 1)})
+    """Decode batch sizes a compiled engine runs: powers of two from 2, and all its slots. Never 1
+    (with more slots than that): dynamo would specialise a graph for it."""
+    return sorted({min(max(2, 1 << k), num_slots) for k in range(num_slots.bit_length() + 1)})
 
 
 class ModelRunner:
@@ -65,7 +66,7 @@ class ModelRunner:
         self.forward = self._decode_forward
         if compile:
             self.forward = _compile(self._decode_forward, self.device, [
-                *slots.tensors(), self.next_position, self.last_token, self.busy, self.no_mask], len(self.buckets))
+                *slots.tensors(), self.next_position, self.last_token, self.busy, self.no_mask])
 
     @torch.no_grad()
     def prefill(self, seqs: list[Sequence]) -> Tensor:
@@ -101,14 +102,18 @@ class ModelRunner:
     def decode(self, n: int, columns: int) -> Tensor:
         """One step for slots [0, n): feed each its last token. `columns`: the most columns a row uses
         once this step has written its entry. Returns logits [bucket, vocab] (rows past n pad the batch)."""
-        bucket = n if self.buckets is None else next(b for b in self.buckets if b >= n)
         size = max(self.slots.sizes)
-        width = size if self.compiled else min(size, -(-columns // WIDTH_STEP) * WIDTH_STEP)
-        return self.forward(DecodeBatch(self.slots, self.policy, self.busy[:bucket], width), bucket)
+        if self.buckets is None:
+            return self.forward(DecodeBatch(self.slots, self.policy, self.busy[:n],
+                                            min(size, -(-columns // WIDTH_STEP) * WIDTH_STEP)))
+        active = self.busy[: next(b for b in self.buckets if b >= n)]
+        torch._dynamo.mark_dynamic(active, 0)  # one graph for every bucket: the batch size is symbolic
+        return self.forward(DecodeBatch(self.slots, self.policy, active, size))
 
-    def _decode_forward(self, batch: DecodeBatch, bucket: int) -> Tensor:
+    def _decode_forward(self, batch: DecodeBatch) -> Tensor:
         """The decode step as one function of device state (what `EngineConfig.compile` captures)."""
         active = batch.active
+        bucket = active.shape[0]
         self.slots.seen[:bucket] += active
         if self.policy.positions == "compact":  # rotate at the stored count (the first layer's), not the index
             positions = self.slots.entries()[0, :bucket, None]
@@ -142,13 +147,14 @@ class ModelRunner:
         self.busy[n:] = False
 
 
-def _compile(forward, device: torch.device, state: list[Tensor], buckets: int):
-    """`forward` under torch.compile, whole (fullgraph: a graph break is an error), one graph per
-    batch bucket; on CUDA replayed as CUDA graphs, with the state's addresses fixed."""
+def _compile(forward, device: torch.device, state: list[Tensor]):
+    """`forward` under torch.compile, whole (fullgraph: a graph break is an error), one graph with a
+    symbolic batch size; on CUDA each batch bucket's step is recorded and replayed as a CUDA graph,
+    with the state's addresses fixed."""
     if device.type == "cuda":
         for tensor in state:
             torch._dynamo.mark_static_address(tensor)
-    # each bucket is one more compiled graph of the same code (and each engine one more set)
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 8 * buckets)
+    # a process may hold several engines, each with its own graph (it guards on its own state)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     mode = "reduce-overhead" if device.type == "cuda" else None
-    return torch.compile(forward, fullgraph=True, dynamic=False, mode=mode)
+    return torch.compile(forward, fullgraph=True, mode=mode)
