@@ -245,8 +245,9 @@ def cluster_service(tmp_path_factory):
     """tests/two_node_cluster.py in its own process; yields it with its address, raylet pids and client env."""
     env = {**os.environ, **ray_env(), **S3_ENV}
     log = tmp_path_factory.mktemp("cluster") / "cluster.log"
-    service = Service("the two-node Ray cluster", [sys.executable, str(Path(__file__).with_name("two_node_cluster.py"))],
-                      log, env=env, stdin=subprocess.PIPE, text=True)
+    service = Service("the two-node Ray cluster",
+                      [sys.executable, str(Path(__file__).with_name("two_node_cluster.py"))], log, env=env,
+                      stdin=subprocess.PIPE, text=True)
     try:
         line = service.wait_for(lambda: next((l for l in log.read_text().splitlines() if l.startswith('{"address"')),
                                              None), 180, "its address")

@@ -301,8 +301,8 @@ def test_a_run_whose_metrics_lack_slots_shows_them_as_not_measured(tmp_path):
 def test_rows_are_labelled_by_the_settings_that_tell_them_apart(tmp_path):
     runs = [made_metrics("a"), made_metrics("b", settings={"cache_options": [["protect", 16]]}),
             made_metrics("c", settings={"cache_options": [["protect", 16]], "max_tokens": 32}),
-            made_metrics("d", budget=0.5, settings={"budget": "auto"}), made_metrics("e"), made_metrics("full", method="full",
-                                                                                            budget=1.0)]
+            made_metrics("d", budget=0.5, settings={"budget": "auto"}), made_metrics("e"),
+            made_metrics("full", method="full", budget=1.0)]
     labels = [row["label"] for row in report_of(tmp_path, *runs)["rows"]]
     assert labels == ["caption elastic 0.5 (a.metrics.json)", "caption elastic 0.5 protect=16 max_tokens=64",
                       "caption elastic 0.5 protect=16 max_tokens=32", "caption elastic auto: 0.5",
@@ -426,7 +426,8 @@ LAYOUT_PROBE = """<script>addEventListener('load', () => {
     images: [...document.images].map(i => i.naturalWidth)};
   const p = document.createElement('pre'); p.id = 'layout'; p.textContent = JSON.stringify(layout);
   document.body.append(p); });</script></body>"""
-CHROMIUM_FLAGS = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--window-size=1280,2000"]
+CHROMIUM_FLAGS = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                  "--window-size=1280,2000"]
 
 
 def layout_at_1280px(page: Path, tmp_path: Path) -> dict:

@@ -11,9 +11,9 @@ from elastic_ray.report.quality import quality
 
 # A caption run's own fidelity: a sample of its input captioned with the full cache too (metrics["quality_sample"]).
 # Figure: (unit, field of quality_sample).
-FIDELITY = {"fidelity_rouge_l": ("ROUGE-L F1 vs full cache", "rouge_l"), "fidelity_min_rouge": ("ROUGE-L F1", "min_rouge"),
-            "fidelity_passed": ("passed", "passed"), "degenerate": ("captions", "degenerate"),
-            "quality_sample_rows": ("rows", "rows")}
+FIDELITY = {"fidelity_rouge_l": ("ROUGE-L F1 vs full cache", "rouge_l"),
+            "fidelity_min_rouge": ("ROUGE-L F1", "min_rouge"), "fidelity_passed": ("passed", "passed"),
+            "degenerate": ("captions", "degenerate"), "quality_sample_rows": ("rows", "rows")}
 FIDELITY_UNITS = {name: unit for name, (unit, _) in FIDELITY.items()}
 # Where a caption run's time went (metrics["timings"]), and how busy its engines' slots were.
 TIMINGS = {"ray_start_s": "s", "actor_start_s": "s", "first_row_s": "s", "steady_rows_per_s": "rows/s"}
@@ -51,7 +51,8 @@ def _rates_hours_and_cost(f: dict[str, Figure], device: str, prices: dict[str, F
     1M captions, captions per device-hour and the packing factors, in place."""
     for rate, unit in (("rows_per_s", "rows/s"), ("tokens_per_s", "tokens/s")):
         f[rate + "_per_device"] = derive(f"{unit} per {device}", f"{rate} / (actors x devices_per_actor)",
-                                         lambda r, a, d: r / (a * d), r=f[rate], a=f["actors"], d=f["devices_per_actor"])
+                                         lambda r, a, d: r / (a * d),
+                                         r=f[rate], a=f["actors"], d=f["devices_per_actor"])
     tasks = [name for name in ("calibration_s", "quality_sample_s") if name in f]  # each ran as one actor
     f["actor_hours"] = derive("actor-hours", f"(actors x wall_s{''.join(' + ' + t for t in tasks)}) / 3600",
                               lambda a, w, **task_s: (a * w + sum(task_s.values())) / 3600,
