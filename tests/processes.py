@@ -1,14 +1,21 @@
-"""Processes that fixtures start and tests lean on (a Ray cluster, a Serve job, an S3 server).
+"""Processes the tests start, and what they leave behind.
 
-A test fails at once, with the reason and the end of the process's log, when one has died or dies
+Fixtures run their clusters and servers (a Ray cluster, a Serve job, an S3 server) as a `Service`:
+a test fails at once, with the reason and the end of the process's log, when one has died or dies
 while the test waits on it, instead of waiting out a timeout; each is stopped with everything it
-started (its whole process group), even when a test fails.
+started (its whole process group), even when a test fails. conftest.py takes the suite's
+housekeeping from here: every Ray the tests start keeps its files in one folder removed at the end,
+and no process a test body starts is left running after it.
 """
 
+import contextlib
 import os
+import shutil
 import signal
 import subprocess
+import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -109,3 +116,60 @@ class Service:
 
 def args_text(proc: subprocess.Popen) -> str:
     return " ".join(map(str, proc.args))[:200]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def ray_temp_dir():
+    """Every Ray the tests start (in this process, or in the jobs and clusters they run) keeps its
+    session files (logs, sockets, spilled objects) in one short folder of its own, removed at the end."""
+    path = tempfile.mkdtemp(prefix="er-", dir="/tmp")  # short: Ray's socket paths live under it
+    before = os.environ.get("RAY_TMPDIR")
+    os.environ["RAY_TMPDIR"] = path
+    yield path
+    if before is None:
+        del os.environ["RAY_TMPDIR"]
+    else:
+        os.environ["RAY_TMPDIR"] = before
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _children(pid: int) -> dict[int, int]:
+    """The running children of `pid`, with their process group ids (from /proc)."""
+    children = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):  # it has just exited
+            continue
+        state, parent, group = fields[0], int(fields[1]), int(fields[2])
+        if parent == pid and state != "Z":
+            children[int(entry)] = group
+    return children
+
+
+def _descendants(pid: int) -> list[int]:
+    found, todo = [], [pid]
+    while todo:
+        found += (new := list(_children(todo.pop())))
+        todo += new
+    return found
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    """Processes the test body started and left running (a failed assertion before a job ended) are
+    killed with everything they started; fixtures' processes (started at setup) are theirs to stop."""
+    before = set(_children(os.getpid()))
+    try:
+        return (yield)
+    finally:
+        left = {pid: group for pid, group in _children(os.getpid()).items() if pid not in before}
+        for pid, group in left.items():
+            for victim in [*_descendants(pid), pid]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(victim, signal.SIGKILL)
+            if group == pid:  # it leads its own group: whatever else is in it
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(group, signal.SIGKILL)
+        if left:
+            warnings.warn(f"{item.nodeid} left processes running, killed: {sorted(left)}")

@@ -19,7 +19,7 @@ from captioning import ray_env, read_output, readable_ids, save_tiny_model
 from processes import Service
 from elastic_ray.data.shapes import write_shards
 
-pytestmark = pytest.mark.slow  # a `ray start --head` cluster and subprocess jobs
+pytestmark = pytest.mark.slow  # a Ray cluster and jobs in subprocesses
 
 REPO = Path(__file__).parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))

@@ -24,7 +24,6 @@ from captioning import (
     write_rows,
 )
 from processes import Service
-
 from elastic_ray import CacheConfig
 from elastic_ray.data.images import decode_image
 from elastic_ray.data.shapes import CAPTION_INSTRUCTION, write_shards
@@ -93,7 +92,6 @@ def test_a_non_empty_output_needs_resume(shards, tmp_path):
     check(replace(job, resume=True))
 
 
-@pytest.mark.slow  # jobs/caption.py in a subprocess
 @pytest.mark.parametrize("args, message", [
     (["--budget", "2"], "bad cache settings: budget must be in (0, 1]"),
     (["--budget", "half"], "argument --budget: a number in (0, 1] or 'auto', got 'half'"),
@@ -101,6 +99,7 @@ def test_a_non_empty_output_needs_resume(shards, tmp_path):
     (["--cache-option", "protect=high"], "bad cache settings: elastic option protect must be int, got 'high'"),
     (["--kv-cache-memory", "lots"], "argument --kv-cache-memory: bytes (an integer) or a fraction"),
 ])
+@pytest.mark.slow
 def test_cli_refuses_bad_arguments_before_starting_ray(shards, tmp_path, args, message):
     result = subprocess.run(
         [sys.executable, "jobs/caption.py", "--input", shards, "--output", str(tmp_path / "out"), *args],
@@ -277,7 +276,7 @@ def caption(cluster, *args) -> subprocess.CompletedProcess:
     return result
 
 
-@pytest.mark.slow  # a two-node Ray cluster
+@pytest.mark.slow
 def test_run_on_two_nodes_flags_bad_rows_and_writes_each_id_once(cluster, tiny_model, tmp_path):
     expected = bad_rows()
     write_rows(tmp_path / "in" / "bad.parquet", [row for row, _ in expected])
@@ -315,7 +314,7 @@ def _captioner_pids(raylets: list[int]) -> list[int]:
     return pids
 
 
-@pytest.mark.slow  # a two-node Ray cluster
+@pytest.mark.slow
 def test_a_killed_actor_is_replaced_and_every_row_still_arrives(cluster, tiny_model, tmp_path):
     (tmp_path / "in").mkdir()
     for i in range(60):
@@ -367,7 +366,7 @@ def s3_server(tmp_path_factory):
         server.stop(grace=10)
 
 
-@pytest.mark.slow  # a two-node Ray cluster
+@pytest.mark.slow
 def test_s3_input_image_paths_and_output_through_a_local_server(cluster, tiny_model, s3_server, monkeypatch):
     for key, value in S3_ENV.items():
         monkeypatch.setenv(key, value)
@@ -401,7 +400,7 @@ def _parquet_bytes(rows: list[dict], schema: pa.Schema) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
-@pytest.mark.slow  # a two-node Ray cluster
+@pytest.mark.slow
 def test_budget_auto_calibrates_on_the_input_and_captions_at_its_choice(cluster, tmp_path):
     write_shards(tmp_path / "in", 12, rows_per_shard=6)
     out, target, rows, max_tokens = tmp_path / "out", 0.8, 8, 24
