@@ -85,17 +85,17 @@ class Service:
     def communicate(self, proc: subprocess.Popen, timeout: float) -> subprocess.CompletedProcess:
         """`proc.communicate()` while watching the service: see `run`."""
         deadline = time.monotonic() + timeout
-        while True:
+        reason = None
+        while reason is None:
             try:
                 out, err = proc.communicate(timeout=1)  # retrying after a timeout loses no output
                 return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
             except subprocess.TimeoutExpired:
                 reason = self.trouble() or (f"outlived by {args_text(proc)} ({timeout:.0f} s)"
                                             if time.monotonic() > deadline else None)
-                if reason:
-                    proc.kill()
-                    out, err = proc.communicate()
-                    self.fail(f"{reason}\n--- {args_text(proc)}, the end of its output:\n{out[-2000:]}{err[-3000:]}")
+        proc.kill()
+        out, err = proc.communicate()
+        self.fail(f"{reason}\n--- {args_text(proc)}, the end of its output:\n{out[-2000:]}{err[-3000:]}")
 
     def stop(self, sig: int | None = signal.SIGTERM, grace: float = 30.0) -> int | None:
         """Send `sig` (None: the caller has already asked it to stop), wait up to `grace` seconds, then
