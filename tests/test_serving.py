@@ -376,7 +376,7 @@ def test_a_client_that_goes_away_has_its_request_aborted(server, scenes, streami
             assert next(line for line in response.iter_lines() if line.startswith("data: "))
     else:
         with pytest.raises(httpx.ReadTimeout):
-            httpx.post(f"{tight}/v1/chat/completions", json=body, timeout=httpx.Timeout(60, read=1.0))
+            httpx.post(f"{tight}/v1/chat/completions", json=body, timeout=httpx.Timeout(60, read=0.2))  # well under 280 steps
     deadline = time.time() + 60  # the request alone would run for its 280 tokens
     while aborted(tight) == before:
         assert time.time() < deadline, "the request was not aborted"
