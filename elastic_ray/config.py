@@ -3,8 +3,10 @@
 import argparse
 import json
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from elastic_ray.kv import CachePolicy, make_policy
+if TYPE_CHECKING:
+    from elastic_ray.kv import CachePolicy
 
 
 def parse_cache_option(text: str) -> tuple[str, object]:
@@ -36,6 +38,8 @@ class CacheConfig:
     """
 
     def __init__(self, method: str = "full", budget: float = 1.0, **options):
+        from elastic_ray.kv import make_policy  # torch, imported when a policy is first made
+
         self.method, self.budget, self.options = method, budget, dict(options)
         self.policy: CachePolicy = make_policy(method, budget, **options)
 
