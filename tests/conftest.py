@@ -3,6 +3,7 @@
 import contextlib
 import http.server
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -60,29 +61,40 @@ def encode(model_and_processor, images, instructions=INSTRUCTIONS):
 
 
 @contextlib.contextmanager
-def http_image_server(image: bytes, paths: set[str], redirects: dict[str, str]):
-    """On 127.0.0.1: `image` at `paths`, a 302 to `redirects[path]` at those, 404 elsewhere; yields
-    the base URL."""
+def http_image_server(image: bytes, paths: set[str], redirects: dict[str, str] | None = None,
+                      log: list[tuple[str, str]] | None = None, delay_s: float = 0.0):
+    """On 127.0.0.1: `image` at `paths` (whatever the query), a 302 to `redirects[path]` at those,
+    404 elsewhere, each answer after `delay_s`; every request's (method, raw path) is appended to
+    `log`. Yields the base URL."""
+    redirects = redirects or {}
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
+            if log is not None:
+                log.append((self.command, self.path))
+            time.sleep(delay_s)
             if self.path in redirects:
                 self.send_response(302)
                 self.send_header("Location", redirects[self.path])
                 self.send_header("Content-Length", "0")
                 self.end_headers()
                 return
-            self.send_response(200 if self.path in paths else 404)
+            self.send_response(200 if self.path.split("?", 1)[0] in paths else 404)
             self.send_header("Content-Length", str(len(image)))
             self.end_headers()
-            self.wfile.write(image)
+            if self.command == "GET":
+                self.wfile.write(image)
+
+        do_HEAD = do_GET
 
         def log_message(self, *args):
             pass
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         yield f"http://127.0.0.1:{server.server_address[1]}"
     finally:
         server.shutdown()
+        server.server_close()
