@@ -57,31 +57,6 @@ def test_prompts_no_longer_than_the_protected_entries_are_left_alone():
     assert out_keys is keys and kept.tolist() == [0, 1]
 
 
-@pytest.mark.parametrize("merge", [True, False])
-def test_the_batched_path_agrees_with_the_pure_function(merge):
-    rng = random.Random(0)
-    for trial in range(40):
-        budget = rng.choice([0.1, 0.2, 0.35, 0.5, 0.9, 1.0])
-        sink, protect = rng.choice([0, 1, 2]), rng.choice([0, 1, 3])
-        lengths = torch.tensor([rng.randint(1, 40) for _ in range(3)])
-        width = int(lengths.max())
-        keys, values = torch.randn(3, 2, width, 4), torch.randn(3, 2, width, 4)
-        scores = torch.randint(0, 4, (3, width)).float()  # small integers: plenty of ties
-        policy = ElasticCache(budget=budget, sink=sink, protect=protect, merge=merge)
-        batched = apply_selection(keys, values, policy.select_prompt(scores, lengths))
-        for row, length in enumerate(lengths.tolist()):
-            k, v = keys[row, :, :length], values[row, :, :length]
-            if merge:
-                ref_k, ref_v, kept = compress_prompt(k, v, scores[row, :length], budget, sink=sink, protect=protect)
-            else:
-                _, _, kept = compress_prompt(k, v, scores[row, :length], budget, sink=sink, protect=protect)
-                ref_k, ref_v = k[:, kept], v[:, kept]
-            n = int(batched.lengths[row])
-            assert batched.positions[row, 0, :n].tolist() == kept.tolist(), (trial, row)
-            torch.testing.assert_close(batched.keys[row, :, :n], ref_k, rtol=1e-6, atol=1e-6)
-            torch.testing.assert_close(batched.values[row, :, :n], ref_v, rtol=1e-6, atol=1e-6)
-
-
 def test_protect_text_keeps_every_text_token_and_merges_image_tokens_into_image_anchors():
     keys, values = squares(10)
     image = torch.tensor([0, 0, 1, 1, 1, 1, 1, 1, 0, 0], dtype=torch.bool)  # text, 6 image tokens, text
