@@ -69,7 +69,8 @@ def test_elastic_is_the_published_method_and_elastic_vl_the_preset():
     preset = CacheConfig("elastic-vl", 0.5).policy
     assert isinstance(preset, ElasticVLCache) and preset.name == "elastic-vl"
     assert (preset.protect_text, preset.importance, preset.assign) == (True, "instruction", "key")
-    assert (preset.sink, preset.protect, preset.offset, preset.merge) == (1, 1, 25, True)
+    assert (preset.sink, preset.protect, preset.offset, preset.merge) == (1, 1, MAX_INT_OPTION, True)
+    assert preset.truncation_points(torch.tensor([300, 20])).tolist() == [1, 1]  # the sink
     # the options from a command line (--cache-option KEY=VALUE) give the same method under its own name
     options = dict(map(parse_cache_option, ["protect_text=true", "importance=instruction", "assign=key"]))
     assert options == {"protect_text": True, "importance": "instruction", "assign": "key"}

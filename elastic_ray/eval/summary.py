@@ -48,6 +48,8 @@ def targets(cells: list[dict], preset: str, baseline: str = "h2o") -> str:
         ours, theirs = _find(cells, preset, budget), _find(cells, baseline, budget)
         if 0.3 - 1e-9 <= budget <= 0.7 + 1e-9 and theirs is not None:
             for score, better in (("ppl", lambda a, b: a < b), ("rouge_l", lambda a, b: a > b)):
+                if ours.get(score) is None:
+                    continue
                 met = [better(a, b) for a, b in zip(_values(ours, score), _values(theirs, score))]
                 lines.append(f"| {ALL_SCORES[score]} better than {baseline} | {budget:g} | {format_score(ours, score)} | "
                              f"{format_score(theirs, score)} | {sum(met)} of {len(met)} |")

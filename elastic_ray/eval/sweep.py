@@ -115,7 +115,7 @@ def teacher_forced(engine: Engine, requests: list[dict], forced: list[list[int]]
 
 
 def sweep(model, processor, cells: list[Cell], samples: list[Sample], max_tokens: int, run_cells=None,
-          log=lambda cell: None) -> list[dict]:
+          log=lambda cell: None, score_ppl: bool = True) -> list[dict]:
     """Run the full-cache cell first, then every other cell against its outputs.
 
     `run_cells(cells, full_outputs)` may run the cells elsewhere (on Ray, in parallel); by
@@ -127,10 +127,10 @@ def sweep(model, processor, cells: list[Cell], samples: list[Sample], max_tokens
     def here(rest, full_outputs):
         results = []
         for cell in rest:
-            results.append(run_cell(model, processor, cell, samples, max_tokens, full_outputs)[0])
+            results.append(run_cell(model, processor, cell, samples, max_tokens, full_outputs, score_ppl=score_ppl)[0])
             log(results[-1])
         return results
 
-    full, full_outputs = run_cell(model, processor, cells[0], samples, max_tokens)
+    full, full_outputs = run_cell(model, processor, cells[0], samples, max_tokens, score_ppl=score_ppl)
     log(full)
     return [full, *(run_cells or here)(cells[1:], full_outputs)]

@@ -23,7 +23,7 @@ from torch import Tensor
 from elastic_ray.kv.budget import prompt_kept
 from elastic_ray.kv.entries import Selection
 from elastic_ray.kv.importance import CHUNK_ELEMENTS, IMPORTANCE, prompt_importance
-from elastic_ray.kv.policy import CachePolicy
+from elastic_ray.kv.policy import MAX_INT_OPTION, CachePolicy
 
 POSITIONS = ("original", "compact")
 ASSIGN = ("position", "key")
@@ -134,8 +134,11 @@ class ElasticCache(CachePolicy):
 
 @dataclass(frozen=True)
 class ElasticVLCache(ElasticCache):
-    """The preset for vision-language prompts: every option of this module on (README, Evaluation)."""
+    """The preset for vision-language prompts: every option of this module on, and the truncation
+    point at the sink (`offset` as large as allowed), so decoding evicts the oldest prompt entries
+    first. Chosen by measurement on the demo model (README, Evaluation)."""
 
+    offset: int = field(default=MAX_INT_OPTION, metadata={"min": 1})
     protect_text: bool = True
     importance: str = field(default="instruction", metadata={"choices": IMPORTANCE})
     assign: str = field(default="key", metadata={"choices": ASSIGN})
