@@ -16,14 +16,10 @@ proxy queues `max_queued_requests` more and answers the rest 429 with Retry-Afte
 
 import asyncio
 import json
-import logging
 import os
-import threading
 import time
 import uuid
-from collections import OrderedDict
-from dataclasses import dataclass
-from typing import Annotated, Any, Callable, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 from fastapi import FastAPI, Request
@@ -37,13 +33,10 @@ from starlette.exceptions import HTTPException
 from elastic_ray.config import CacheConfig, EngineConfig, SamplingParams
 from elastic_ray.data.images import MAX_PIXELS, ImageError, ImageSource, data_url_bytes, decode_image
 from elastic_ray.engine.engine import Engine
+from elastic_ray.engine.loop import EngineLoop, LoopStopped, Refused, Submission, Work
 from elastic_ray.kv import METHODS
 from elastic_ray.models.loading import check_local_model, load
-from elastic_ray.models.prompts import default_prompt_tokens
 from elastic_ray.outputs import RequestOutput
-
-logger = logging.getLogger("ray.serve")
-
 
 class ServeConfig(BaseModel):
     """One deployment: the model, its default cache policy, engine sizes and Serve's limits.
@@ -130,6 +123,16 @@ class APIError(Exception):
     def response(self) -> JSONResponse:
         return JSONResponse(self.body, status_code=self.status)
 
+    @classmethod
+    def from_loop(cls, error: Exception) -> "APIError":
+        """The answer to an engine loop's error: a refusal is the request's fault (400), a
+        stopped loop is unavailable (503), a failed engine is the server's fault (500)."""
+        if isinstance(error, Refused):
+            return cls(400, str(error), "method" if error.field == "cache" else "messages")
+        if isinstance(error, LoopStopped):
+            return cls(503, str(error), type="server_error")
+        return cls(500, str(error), type="server_error")
+
 
 class ImageURL(BaseModel):
     url: str
@@ -191,15 +194,6 @@ def parse_request(body: bytes) -> ChatRequest:
         raise APIError(400, message, param, code=error["type"]) from None
 
 
-@dataclass(frozen=True)
-class Prepared:
-    """A request as the engine takes it."""
-
-    request: dict
-    sampling: SamplingParams
-    cache: CacheConfig
-
-
 def instruction_and_image_url(chat: ChatRequest) -> tuple[str, str]:
     """The text of every message, in order, and the one image's URL."""
     texts, urls = [], []
@@ -234,7 +228,7 @@ def load_image(url: str, config: ServeConfig) -> Image.Image:
     return decode_image(data, config.max_pixels)
 
 
-def prepare(chat: ChatRequest, config: ServeConfig) -> Prepared:
+def prepare(chat: ChatRequest, config: ServeConfig) -> Work:
     """Check a parsed request against the server's limits and decode its image (blocking)."""
     if chat.model != config.name:
         raise APIError(404, f"model {chat.model!r} does not exist; this server serves {config.name!r}", "model",
@@ -267,159 +261,7 @@ def prepare(chat: ChatRequest, config: ServeConfig) -> Prepared:
         image = load_image(url, config)
     except ImageError as e:
         raise APIError(400, str(e), "messages", code="invalid_image") from None
-    return Prepared({"image": image, "prompt": instruction}, sampling, cache)
-
-
-# --- The engine loop ------------------------------------------------------------------------
-
-
-@dataclass
-class Submission:
-    """Work for the engine loop; `deliver` receives each RequestOutput (only the finished one
-    unless `stream`), or an APIError."""
-
-    prepared: Prepared
-    deliver: Callable[[RequestOutput | APIError], None]
-    stream: bool = True
-
-
-class EngineLoop:
-    """The one thread that calls the replica's engines (the engine is not thread-safe).
-
-    `submit` queues work from any thread and `cancel` withdraws it (a client gone). Each round
-    the loop first aborts cancelled work, then adds new work to the engine for
-    its cache policy, made on first use; with `max_engines` engines already, the least recently
-    used idle one is dropped first, and a request waits while every engine is busy. Then it steps
-    each engine with unfinished requests once and delivers the outputs. An exception from a step
-    is a bug or a device fault: every pending request gets a 500, the loop stops and `error`
-    stays set (the health check then fails and Serve replaces the replica).
-    """
-
-    def __init__(self, make_engine: Callable[[CacheConfig], Engine], max_engines: int, first: CacheConfig):
-        self.make_engine, self.max_engines = make_engine, max_engines
-        self.engines: OrderedDict[CacheConfig, Engine] = OrderedDict({first: make_engine(first)})
-        self.error: BaseException | None = None
-        self._inbox: list[Submission] = []
-        self._cancelled: list[Submission] = []
-        self._waiting: list[Submission] = []
-        self._running: dict[tuple[CacheConfig, int], Submission] = {}
-        self._lock = threading.Condition()
-        self._closed = False
-        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
-        self._thread.start()
-
-    def submit(self, submission: Submission) -> None:
-        with self._lock:
-            if self.error is not None or self._closed:
-                submission.deliver(APIError(503, "the engine loop has stopped", type="server_error"))
-                return
-            self._inbox.append(submission)
-            self._lock.notify()
-
-    def cancel(self, submission: Submission) -> None:
-        with self._lock:
-            self._cancelled.append(submission)
-            self._lock.notify()
-
-    def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            self._lock.notify()
-        self._thread.join()
-
-    def describe(self) -> list[dict]:
-        with self._lock:
-            engines = list(self.engines.items())
-        return [{"method": cache.method, "budget": cache.budget, "options": cache.options, "slots": engine.num_slots,
-                 "slot_bytes": engine.slot_size * engine.entry_bytes, "kv_allocated_bytes": engine.kv_allocated_bytes,
-                 "aborted": engine.aborted}
-                for cache, engine in engines]
-
-    def _run(self) -> None:
-        try:
-            while self._round():
-                pass
-        except Exception as e:
-            with self._lock:
-                self.error = e
-                pending = self._inbox + self._waiting + list(self._running.values())
-            for submission in pending:
-                submission.deliver(APIError(500, f"the engine failed: {type(e).__name__}: {e}", type="server_error"))
-            logger.exception("the engine loop stopped")
-
-    def _round(self) -> bool:
-        with self._lock:
-            while not (self._inbox or self._waiting or self._running or self._cancelled or self._closed):
-                self._lock.wait()
-            if self._closed:
-                return False
-            self._waiting += self._inbox
-            self._inbox, cancelled = [], self._cancelled
-            self._cancelled = []
-        self._abort(cancelled)
-        self._admit()
-        for cache, engine in list(self.engines.items()):
-            if engine.has_unfinished():
-                for output in engine.step():
-                    key = (cache, output.request_id)
-                    submission = self._running.pop(key) if output.finished else self._running[key]
-                    if output.finished or submission.stream:
-                        submission.deliver(output)
-        return True
-
-    def _abort(self, cancelled: list[Submission]) -> None:
-        """Withdraw cancelled work: a waiting submission is dropped, a running one aborted in its engine."""
-        gone = {id(s) for s in cancelled}
-        self._waiting = [s for s in self._waiting if id(s) not in gone]
-        for (cache, request_id), submission in list(self._running.items()):
-            if id(submission) in gone:
-                del self._running[cache, request_id]
-                self.engines[cache].abort(request_id)
-
-    def _admit(self) -> None:
-        """Add waiting work to engines in arrival order. Work whose policy has no engine while the
-        pool is full and busy waits, and so does later work for the least recently used engine,
-        which thus drains and makes room."""
-        waiting, self._waiting = self._waiting, []
-        draining = None
-        for submission in waiting:
-            prepared = submission.prepared
-            if prepared.cache not in self.engines and not self._room():
-                draining = draining or next(iter(self.engines))
-            if prepared.cache == draining or (prepared.cache not in self.engines and draining is not None):
-                self._waiting.append(submission)
-                continue
-            try:
-                engine = self._engine(prepared.cache)
-            except ValueError as e:
-                submission.deliver(APIError(400, f"cannot run {prepared.cache}: {e}", "method"))
-                continue
-            try:
-                request_id = engine.add_request(prepared.request, prepared.sampling)
-            except ValueError as e:
-                submission.deliver(APIError(400, str(e), "messages"))
-                continue
-            self._running[prepared.cache, request_id] = submission
-
-    def _room(self) -> bool:
-        """Whether the pool can take another engine, after dropping its least recently used idle one."""
-        with self._lock:
-            if len(self.engines) < self.max_engines:
-                return True
-            idle = next((c for c, e in self.engines.items() if not e.has_unfinished()), None)
-            if idle is not None:
-                del self.engines[idle]
-            return idle is not None
-
-    def _engine(self, cache: CacheConfig) -> Engine:
-        with self._lock:
-            if cache in self.engines:
-                self.engines.move_to_end(cache)
-                return self.engines[cache]
-        engine = self.make_engine(cache)
-        with self._lock:
-            self.engines[cache] = engine
-        return engine
+    return Work({"image": image, "prompt": instruction}, sampling, cache)
 
 
 # --- Answers --------------------------------------------------------------------------------
@@ -469,11 +311,8 @@ class ChatServer:
     def __init__(self, config: ServeConfig):
         self.config = config
         self.model, self.processor = load(config.model, device="cuda" if config.num_gpus > 0 else None)
-        context = self.model.config.get_text_config().max_position_embeddings
         self.engine_config = EngineConfig(
-            kv_cache_memory=config.kv_cache_memory, max_num_seqs=config.max_num_seqs, max_tokens=config.max_tokens,
-            max_prompt_tokens=min(default_prompt_tokens(self.model), context - config.max_tokens),
-        )
+            kv_cache_memory=config.kv_cache_memory, max_num_seqs=config.max_num_seqs, max_tokens=config.max_tokens)
         self.created = int(time.time())
         self.engines = EngineLoop(self._make_engine, config.max_engines,
                                   CacheConfig(config.method, config.budget, **config.cache_options))
@@ -504,12 +343,16 @@ class ChatServer:
     async def chat_completions(self, request: Request):
         try:
             chat = parse_request(await request.body())
-            prepared = await asyncio.to_thread(prepare, chat, self.config)
+            work = await asyncio.to_thread(prepare, chat, self.config)
         except APIError as e:
             return e.response()
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
-        submission = Submission(prepared, lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
-                                stream=chat.stream)
+
+        def deliver(event):
+            event = APIError.from_loop(event) if isinstance(event, Exception) else event
+            loop.call_soon_threadsafe(events.put_nowait, event)
+
+        submission = Submission(work, deliver, stream=chat.stream)
         self.engines.submit(submission)
         try:
             first = await events.get()
@@ -521,7 +364,7 @@ class ChatServer:
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": self.config.name}
         if chat.stream:
             include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
-            chunks = self._chunks(head, first, events, prepared.sampling.stop, include_usage, submission)
+            chunks = self._chunks(head, first, events, work.sampling.stop, include_usage, submission)
             return StreamingResponse(chunks, media_type="text/event-stream")
         return {**head, "object": "chat.completion",  # not streaming: the first output is the finished one
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": first.text},

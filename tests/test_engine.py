@@ -10,7 +10,7 @@ from elastic_ray.engine.engine import Engine
 from elastic_ray.hf.generate import generate_compressed
 from elastic_ray.hf.static import StaticBatchGenerator
 from elastic_ray.models.family import family_of
-from elastic_ray.models.prompts import encode_requests
+from elastic_ray.models.prompts import PreparedRequest, encode_requests, prepare_request
 
 METHODS = [
     ("full", 1.0, {}),
@@ -216,3 +216,15 @@ def test_protect_text_keeps_every_text_token_in_generate_and_in_the_engine_slots
             assert in_cache == in_slot and len(in_cache) == kept_count
             assert text <= in_cache if fits else not text <= in_cache  # a row over C0: published selection
     assert 0 < fitting < len(reqs)  # both cases occur
+
+
+def test_a_request_prepared_off_the_engine_runs_as_the_raw_request_does(tiny_llava, images):
+    engine = Engine(*tiny_llava, CacheConfig("elastic", 0.5).policy, EngineConfig(max_tokens=8))
+    raw = [{"image": image, "prompt": text} for image, text in zip(images, INSTRUCTIONS)]
+    prepared = [prepare_request(tiny_llava[1], r, engine.max_prompt_tokens) for r in raw]
+    assert all(isinstance(p, PreparedRequest) and p.prompt_tokens > 0 for p in prepared)
+    sampling = SamplingParams(max_tokens=6, ignore_eos=True)
+    assert [o.token_ids for o in engine.generate(prepared, sampling)] == \
+        [o.token_ids for o in engine.generate(raw, sampling)]
+    with pytest.raises(ValueError, match="over the engine's limit of 3"):
+        prepare_request(tiny_llava[1], raw[0], max_prompt_tokens=3)

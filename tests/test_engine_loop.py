@@ -1,4 +1,4 @@
-"""The serving engine loop without Ray: concurrent submissions share decode steps and get what
+"""The engine loop without Ray: concurrent submissions share decode steps and get what
 LLM.generate gives; the engine pool is bounded; a refusal or a failing step reaches the requests."""
 
 import queue
@@ -9,7 +9,7 @@ import pytest
 from conftest import INSTRUCTIONS
 from elastic_ray import LLM, CacheConfig, EngineConfig, SamplingParams
 from elastic_ray.engine.engine import Engine
-from elastic_ray.serving import APIError, EngineLoop, Prepared, Submission
+from elastic_ray.engine.loop import EngineFailed, EngineLoop, LoopStopped, Refused, Submission, Work
 
 ENGINE = EngineConfig(kv_cache_memory=2**24, max_num_seqs=4, max_tokens=8)
 ELASTIC, FULL = CacheConfig("elastic", 0.5), CacheConfig("full", 1.0)
@@ -25,7 +25,7 @@ def make_loop(model, max_engines=2, first=ELASTIC, made=None):
     return EngineLoop(make, max_engines, first)
 
 
-def submit_all(loop, prepared: list[Prepared]) -> list[queue.Queue]:
+def submit_all(loop, prepared: list[Work]) -> list[queue.Queue]:
     """Submit each from its own thread, as request coroutines would."""
     queues = [queue.Queue() for _ in prepared]
     threads = [threading.Thread(target=loop.submit, args=(Submission(p, q.put),)) for p, q in zip(prepared, queues)]
@@ -39,7 +39,7 @@ def submit_all(loop, prepared: list[Prepared]) -> list[queue.Queue]:
 def last_event(q: queue.Queue):
     while True:
         event = q.get(timeout=60)
-        if isinstance(event, APIError) or event.finished:
+        if isinstance(event, Exception) or event.finished:
             return event
 
 
@@ -52,7 +52,7 @@ def test_concurrent_requests_share_steps_and_match_generate(tiny_llava, images):
     made = []
     loop = make_loop(tiny_llava, made=made)
     try:
-        outputs = [last_event(q) for q in submit_all(loop, [Prepared(r, sampling, ELASTIC) for r in requests(images, 6)])]
+        outputs = [last_event(q) for q in submit_all(loop, [Work(r, sampling, ELASTIC) for r in requests(images, 6)])]
     finally:
         loop.close()
     expected = LLM(tiny_llava, cache=ELASTIC, engine=ENGINE).generate(requests(images, 6), sampling)
@@ -67,7 +67,7 @@ def test_the_pool_is_bounded_and_a_request_waits_for_an_idle_engine(tiny_llava, 
     made = []
     loop = make_loop(tiny_llava, max_engines=1, made=made)
     try:
-        mixed = [Prepared(r, sampling, FULL if i % 2 else ELASTIC) for i, r in enumerate(requests(images, 4))]
+        mixed = [Work(r, sampling, FULL if i % 2 else ELASTIC) for i, r in enumerate(requests(images, 4))]
         outputs = [last_event(q) for q in submit_all(loop, mixed)]
         assert [o.stats["method"] for o in outputs] == ["elastic", "full", "elastic", "full"]
         assert all(o.finish_reason == "length" for o in outputs)
@@ -85,10 +85,10 @@ def test_a_refused_request_gets_a_400_and_the_others_run(tiny_llava, images):
     loop = make_loop(tiny_llava)
     try:
         long = {"image": images[0], "prompt": "describe the image . " * 120}
-        prepared = [Prepared(long, SamplingParams(max_tokens=4), ELASTIC),
-                    Prepared(requests(images, 1)[0], SamplingParams(max_tokens=4, ignore_eos=True), ELASTIC)]
+        prepared = [Work(long, SamplingParams(max_tokens=4), ELASTIC),
+                    Work(requests(images, 1)[0], SamplingParams(max_tokens=4, ignore_eos=True), ELASTIC)]
         refused, ran = (last_event(q) for q in submit_all(loop, prepared))
-        assert isinstance(refused, APIError) and refused.status == 400 and "over the engine's limit" in refused.message
+        assert isinstance(refused, Refused) and refused.field == "request" and "over the engine's limit" in str(refused)
         assert ran.finish_reason == "length" and len(ran.token_ids) == 4
         quiet = queue.Queue()  # not streaming: only the finished output is delivered
         loop.submit(Submission(prepared[1], quiet.put, stream=False))
@@ -109,23 +109,24 @@ def test_a_failing_step_fails_every_pending_request_and_stops_the_loop(tiny_llav
         return engine
 
     loop = EngineLoop(broken, 1, ELASTIC)
-    prepared = [Prepared(r, SamplingParams(max_tokens=4), ELASTIC) for r in requests(images, 3)]
+    prepared = [Work(r, SamplingParams(max_tokens=4), ELASTIC) for r in requests(images, 3)]
     events = [last_event(q) for q in submit_all(loop, prepared)]
-    # those pending when the step failed get a 500; any submitted after it, a 503
-    assert all(isinstance(e, APIError) for e in events) and any(e.status == 500 for e in events)
-    assert all("device lost" in e.message if e.status == 500 else e.status == 503 for e in events)
+    # those pending when the step failed learn the engine failed; any submitted after it, that the loop stopped
+    assert all(isinstance(e, (EngineFailed, LoopStopped)) for e in events)
+    assert any(isinstance(e, EngineFailed) for e in events)
+    assert all("device lost" in str(e) for e in events if isinstance(e, EngineFailed))
     with pytest.raises(RuntimeError, match="device lost"):
         raise loop.error
     late = queue.Queue()
     loop.submit(Submission(prepared[0], late.put))
-    assert late.get(timeout=5).status == 503
+    assert isinstance(late.get(timeout=5), LoopStopped)
 
 
 def test_work_for_a_new_policy_drains_a_busy_engine_instead_of_starving(tiny_llava, images):
     sampling = SamplingParams(max_tokens=8, ignore_eos=True)
     loop = make_loop(tiny_llava, max_engines=1)
     finished, done = [], threading.Event()
-    full, e2 = (Prepared(r, sampling, cache) for r, cache in zip(requests(images, 3)[1:], (FULL, ELASTIC)))
+    full, e2 = (Work(r, sampling, cache) for r, cache in zip(requests(images, 3)[1:], (FULL, ELASTIC)))
 
     def deliver(name):
         def put(event):
@@ -140,7 +141,7 @@ def test_work_for_a_new_policy_drains_a_busy_engine_instead_of_starving(tiny_lla
         return put
 
     try:
-        loop.submit(Submission(Prepared(requests(images, 1)[0], sampling, ELASTIC), deliver("e1")))
+        loop.submit(Submission(Work(requests(images, 1)[0], sampling, ELASTIC), deliver("e1")))
         assert done.wait(60)
     finally:
         loop.close()
@@ -163,16 +164,16 @@ def test_cancelled_work_is_withdrawn_whether_it_runs_or_waits(tiny_llava, images
             events.put(event)
             first.set()
 
-        running = Submission(Prepared(requests(images, 1)[0], long, ELASTIC), deliver)
+        running = Submission(Work(requests(images, 1)[0], long, ELASTIC), deliver)
         loop.submit(running)
         assert first.wait(60)
         # the pool's one engine is busy, so work for another policy waits: withdraw it there
-        waiting = Submission(Prepared(requests(images, 2)[1], long, FULL), waiting_events.put)
+        waiting = Submission(Work(requests(images, 2)[1], long, FULL), waiting_events.put)
         loop.submit(waiting)
         loop.cancel(waiting)
         loop.cancel(running)
         after = queue.Queue()
-        loop.submit(Submission(Prepared(requests(images, 3)[2], SamplingParams(max_tokens=4), ELASTIC), after.put))
+        loop.submit(Submission(Work(requests(images, 3)[2], SamplingParams(max_tokens=4), ELASTIC), after.put))
         assert last_event(after).finished
     finally:
         loop.close()

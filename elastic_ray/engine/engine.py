@@ -15,7 +15,7 @@ from elastic_ray.engine.slots import KVSlots
 from elastic_ray.hf.generate import check_positions
 from elastic_ray.kv.policy import CachePolicy
 from elastic_ray.models.family import family_of
-from elastic_ray.models.prompts import build_prompt, check_request, default_prompt_tokens
+from elastic_ray.models.prompts import PreparedRequest, default_prompt_tokens, prepare_request
 from elastic_ray.outputs import RequestOutput, eos_token_ids, finish
 
 
@@ -83,9 +83,15 @@ class Engine:
     def kv_allocated_bytes(self) -> int:
         return self.runner.slots.kv_bytes
 
-    def add_request(self, request: dict, sampling: SamplingParams | None = None, request_id=None,
+    def prepare(self, request: dict | PreparedRequest) -> PreparedRequest:
+        """The processor's work for a request, checked against this engine's prompt limit; safe
+        to call from any thread (it touches no engine state). Raises ValueError."""
+        return prepare_request(self.processor, request, self.max_prompt_tokens)
+
+    def add_request(self, request: dict | PreparedRequest, sampling: SamplingParams | None = None, request_id=None,
                     forced_tokens: list[int] | None = None) -> int | str:
-        """Queue `{"image": PIL.Image, "prompt": str}`; raises ValueError for a request it cannot run.
+        """Queue `{"image": PIL.Image, "prompt": str}` or a `PreparedRequest` (see `prepare`);
+        raises ValueError for a request it cannot run.
 
         With `forced_tokens` the request is teacher-forced: those tokens are fed instead of
         sampled ones, whatever EOS says, and `stats["logprobs"]` holds each one's log-probability.
@@ -98,14 +104,9 @@ class Engine:
         request_id = next(self._ids) if request_id is None else request_id
         if sampling.max_tokens > self.config.max_tokens:
             raise ValueError(f"max_tokens {sampling.max_tokens} exceeds the engine's limit of {self.config.max_tokens}")
-        image, prompt = check_request(request)
-        inputs = dict(self.processor(images=[image], text=[build_prompt(self.processor, prompt)], return_tensors="pt"))
-        seq = Sequence(request_id, inputs, sampling, forced=None if forced_tokens is None else list(forced_tokens))
-        if seq.prompt_tokens > self.max_prompt_tokens:
-            raise ValueError(
-                f"the prompt has {seq.prompt_tokens} tokens, over the engine's limit of {self.max_prompt_tokens} "
-                "(EngineConfig.max_prompt_tokens)"
-            )
+        prepared = self.prepare(request)
+        seq = Sequence(request_id, prepared.inputs, prepared.prompt_tokens, sampling,
+                       forced=None if forced_tokens is None else list(forced_tokens))
         if sampling.seed is not None:
             seq.generator = torch.Generator(device=self.runner.device).manual_seed(sampling.seed)
         self.scheduler.add(seq)

@@ -20,6 +20,7 @@ class Sequence:
 
     request_id: int | str
     inputs: dict[str, torch.Tensor]
+    prompt_tokens: int
     sampling: SamplingParams
     status: Status = Status.WAITING
     slot: int = -1
@@ -28,10 +29,6 @@ class Sequence:
     generator: torch.Generator | None = None
     forced: list[int] | None = None  # teacher forcing: feed these tokens and score them
     logprobs: list[float] = field(default_factory=list)  # log-probability of each forced token
-
-    @property
-    def prompt_tokens(self) -> int:
-        return int(self.inputs["attention_mask"].sum())
 
     @property
     def last_token(self) -> int:

@@ -1,6 +1,9 @@
 """Turn a request (image + instruction) into the model's prompt text and processor inputs."""
 
+from dataclasses import dataclass
+
 from PIL import Image
+from torch import Tensor
 
 LLAVA_FORMAT = "USER: <image>\n{prompt} ASSISTANT:"
 TEXT_TOKENS = 256  # text a prompt may add to its image tokens when no limit is configured
@@ -24,6 +27,35 @@ def check_request(request) -> tuple[Image.Image, str]:
     if not isinstance(prompt, str) or not prompt.strip():
         raise ValueError("'prompt' must be a non-empty string")
     return image.convert("RGB"), prompt
+
+
+@dataclass(frozen=True)
+class PreparedRequest:
+    """A request after the processor: one prompt's model inputs (batch 1) and its length.
+
+    Made by `prepare_request` on any thread or process (CPU workers, a server's request
+    threads), so the engine's own thread never runs the processor.
+    """
+
+    inputs: dict[str, Tensor]
+    prompt_tokens: int
+
+
+def prepare_request(processor, request, max_prompt_tokens: int | None = None) -> PreparedRequest:
+    """Check a request and run the processor on it; a bad request, or a prompt over
+    `max_prompt_tokens`, raises ValueError."""
+    if isinstance(request, PreparedRequest):
+        prepared = request
+    else:
+        image, prompt = check_request(request)
+        inputs = dict(processor(images=[image], text=[build_prompt(processor, prompt)], return_tensors="pt"))
+        prepared = PreparedRequest(inputs, int(inputs["attention_mask"].sum()))
+    if max_prompt_tokens is not None and prepared.prompt_tokens > max_prompt_tokens:
+        raise ValueError(
+            f"the prompt has {prepared.prompt_tokens} tokens, over the engine's limit of {max_prompt_tokens} "
+            "(EngineConfig.max_prompt_tokens)"
+        )
+    return prepared
 
 
 def encode_requests(processor, requests: list[dict]) -> dict:

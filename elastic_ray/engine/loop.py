@@ -1,0 +1,191 @@
+"""One thread that owns a pool of engines and steps them while work is pending, so work
+submitted from any thread (request coroutines, a caption actor's batches) shares decode steps.
+Free of Ray: the Serve replica and the caption actor both run one."""
+
+import logging
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable
+
+from elastic_ray.config import CacheConfig, SamplingParams
+from elastic_ray.engine.engine import Engine
+from elastic_ray.models.prompts import PreparedRequest
+from elastic_ray.outputs import RequestOutput
+
+logger = logging.getLogger(__name__)
+
+
+class Refused(ValueError):
+    """Work the loop cannot run: `field` is "cache" (no engine for its policy) or "request"
+    (the engine refused the request)."""
+
+    def __init__(self, message: str, field: str):
+        super().__init__(message)
+        self.field = field
+
+
+class LoopStopped(RuntimeError):
+    """The loop is closed, or stopped after a failure; nothing more runs."""
+
+
+class EngineFailed(RuntimeError):
+    """A step failed in a way that leaves the engine's state unknown; the loop stopped."""
+
+
+@dataclass(frozen=True)
+class Work:
+    """A request as the engine takes it, with its sampling and cache policy."""
+
+    request: dict | PreparedRequest
+    sampling: SamplingParams
+    cache: CacheConfig
+
+
+@dataclass(eq=False)
+class Submission:
+    """Work for the loop; `deliver` receives each RequestOutput (only the finished one unless
+    `stream`), or one of this module's exceptions."""
+
+    work: Work
+    deliver: Callable[[RequestOutput | Exception], None]
+    stream: bool = True
+
+
+class EngineLoop:
+    """The one thread that calls the pool's engines (an engine is not thread-safe).
+
+    `submit` queues work from any thread and `cancel` withdraws it (a client gone). Each round
+    the loop first aborts cancelled work, then adds new work to the engine for its cache
+    policy, made on first use; with `max_engines` engines already, the least recently used idle
+    one is dropped first, and work waits while every engine is busy. Then it steps each engine
+    with unfinished requests once and delivers the outputs. An exception from a step is a bug or
+    a device fault: every pending submission gets `EngineFailed`, the loop stops and `error`
+    stays set.
+    """
+
+    def __init__(self, make_engine: Callable[[CacheConfig], Engine], max_engines: int, first: CacheConfig):
+        self.make_engine, self.max_engines = make_engine, max_engines
+        self.engines: OrderedDict[CacheConfig, Engine] = OrderedDict({first: make_engine(first)})
+        self.error: BaseException | None = None
+        self._inbox: list[Submission] = []
+        self._cancelled: list[Submission] = []
+        self._waiting: list[Submission] = []
+        self._running: dict[tuple[CacheConfig, int], Submission] = {}
+        self._lock = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        self._thread.start()
+
+    def submit(self, submission: Submission) -> None:
+        with self._lock:
+            if self.error is not None or self._closed:
+                submission.deliver(LoopStopped("the engine loop has stopped"))
+                return
+            self._inbox.append(submission)
+            self._lock.notify()
+
+    def cancel(self, submission: Submission) -> None:
+        with self._lock:
+            self._cancelled.append(submission)
+            self._lock.notify()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._lock.notify()
+        self._thread.join()
+
+    def describe(self) -> list[dict]:
+        with self._lock:
+            engines = list(self.engines.items())
+        return [{"method": cache.method, "budget": cache.budget, "options": cache.options, "slots": engine.num_slots,
+                 "slot_bytes": engine.slot_size * engine.entry_bytes, "kv_allocated_bytes": engine.kv_allocated_bytes,
+                 "aborted": engine.aborted}
+                for cache, engine in engines]
+
+    def _run(self) -> None:
+        try:
+            while self._round():
+                pass
+        except Exception as e:
+            with self._lock:
+                self.error = e
+                pending = self._inbox + self._waiting + list(self._running.values())
+            for submission in pending:
+                submission.deliver(EngineFailed(f"the engine failed: {type(e).__name__}: {e}"))
+            logger.exception("the engine loop stopped")
+
+    def _round(self) -> bool:
+        with self._lock:
+            while not (self._inbox or self._waiting or self._running or self._cancelled or self._closed):
+                self._lock.wait()
+            if self._closed:
+                return False
+            self._waiting += self._inbox
+            self._inbox, cancelled = [], self._cancelled
+            self._cancelled = []
+        self._abort(cancelled)
+        self._admit()
+        for cache, engine in list(self.engines.items()):
+            if engine.has_unfinished():
+                for output in engine.step():
+                    key = (cache, output.request_id)
+                    submission = self._running.pop(key) if output.finished else self._running[key]
+                    if output.finished or submission.stream:
+                        submission.deliver(output)
+        return True
+
+    def _abort(self, cancelled: list[Submission]) -> None:
+        """Withdraw cancelled work: a waiting submission is dropped, a running one aborted in its engine."""
+        gone = {id(s) for s in cancelled}
+        self._waiting = [s for s in self._waiting if id(s) not in gone]
+        for (cache, request_id), submission in list(self._running.items()):
+            if id(submission) in gone:
+                del self._running[cache, request_id]
+                self.engines[cache].abort(request_id)
+
+    def _admit(self) -> None:
+        """Add waiting work to engines in arrival order. Work whose policy has no engine while the
+        pool is full and busy waits, and so does later work for the least recently used engine,
+        which thus drains and makes room."""
+        waiting, self._waiting = self._waiting, []
+        draining = None
+        for submission in waiting:
+            work = submission.work
+            if work.cache not in self.engines and not self._room():
+                draining = draining or next(iter(self.engines))
+            if work.cache == draining or (work.cache not in self.engines and draining is not None):
+                self._waiting.append(submission)
+                continue
+            try:
+                engine = self._engine(work.cache)
+            except ValueError as e:
+                submission.deliver(Refused(f"cannot run {work.cache}: {e}", "cache"))
+                continue
+            try:
+                request_id = engine.add_request(work.request, work.sampling)
+            except ValueError as e:
+                submission.deliver(Refused(str(e), "request"))
+                continue
+            self._running[work.cache, request_id] = submission
+
+    def _room(self) -> bool:
+        """Whether the pool can take another engine, after dropping its least recently used idle one."""
+        with self._lock:
+            if len(self.engines) < self.max_engines:
+                return True
+            idle = next((c for c, e in self.engines.items() if not e.has_unfinished()), None)
+            if idle is not None:
+                del self.engines[idle]
+            return idle is not None
+
+    def _engine(self, cache: CacheConfig) -> Engine:
+        with self._lock:
+            if cache in self.engines:
+                self.engines.move_to_end(cache)
+                return self.engines[cache]
+        engine = self.make_engine(cache)
+        with self._lock:
+            self.engines[cache] = engine
+        return engine
