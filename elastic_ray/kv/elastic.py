@@ -102,7 +102,8 @@ class ElasticCache(CachePolicy):
 
     def select_prompt(self, scores: Tensor | None, lengths: Tensor, *, image: Tensor | None = None,
                       keys: Tensor | None = None) -> Selection:
-        """Vectorised §3 over a batch; scores [B, T] (mean over query heads) at packed positions."""
+        """Vectorised §3, with this module's options, over a batch; scores [B, T] (mean over query
+        heads), image [B, T] and keys [B, H, T, D] at packed positions."""
         batch, width = scores.shape
         pos = torch.arange(width, device=scores.device)[None, :].expand(batch, width)
         ends = lengths[:, None]
