@@ -46,7 +46,7 @@ def parser() -> argparse.ArgumentParser:
                                    f"(default: the demo shards, written to {DEMO_INPUT} if missing)")
     p.add_argument("--output", default="out/captions", help="output folder or s3:// prefix")
     p.add_argument("--model", default=d.model, help="'demo', a local path or a hub id")
-    p.add_argument("--method", default=d.method, help="full, elastic, h2o or streaming")
+    p.add_argument("--method", default=d.method, help="full, elastic (the paper's), elastic-vl, h2o or streaming")
     p.add_argument("--budget", type=budget, default=d.budget,
                    help="fraction of KV entries kept, in (0, 1]; 'auto': the smallest that meets --target-rouge "
                         "on the input's first --calibration-rows good rows")

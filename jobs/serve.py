@@ -29,7 +29,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--route-prefix", default="/", help="where the application's routes start")
     p.add_argument("--model", default=d.model, help="'demo', a local path or a hub id")
     p.add_argument("--served-model-name", help="the name clients pass as `model` (default: --model)")
-    p.add_argument("--method", default=d.method, help="default cache method: full, elastic, h2o or streaming")
+    p.add_argument("--method", default=d.method, help="default cache method: full, elastic (the paper's), elastic-vl, h2o or streaming")
     p.add_argument("--budget", type=float, default=d.budget, help="default fraction of KV entries kept, in (0, 1]")
     p.add_argument("--max-tokens", type=int, default=d.max_tokens, help="the most tokens a request may generate")
     p.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs, help="sequences an engine decodes at once")

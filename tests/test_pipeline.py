@@ -96,7 +96,9 @@ def test_a_non_empty_output_needs_resume(shards, tmp_path):
     (["--budget", "2"], "bad cache settings: budget must be in (0, 1]"),
     (["--budget", "half"], "argument --budget: a number in (0, 1] or 'auto', got 'half'"),
     (["--cache-option", "protect"], "argument --cache-option: a cache option looks like KEY=VALUE"),
-    (["--cache-option", "protect=high"], "bad cache settings: elastic option protect must be int, got 'high'"),
+    (["--cache-option", "protect=high"], "option protect must be int, got 'high'"),
+    (["--cache-option", "importance=max"], "option importance must be one of ('sum', 'mean', 'instruction')"),
+    (["--cache-option", "offset=99999999999999999999"], "option offset must be in [1, 1048576]"),
     (["--kv-cache-memory", "lots"], "argument --kv-cache-memory: bytes (an integer) or a fraction"),
 ])
 @pytest.mark.slow
@@ -212,11 +214,15 @@ def test_finished_ids_drops_files_cut_short(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["a.parquet"]
 
 
-def test_the_engine_runs_the_method_with_its_options(shards, tiny_model, tmp_path):
-    job = CaptionJob(input=shards, output=str(tmp_path / "out"), model=tiny_model, max_tokens=4,
-                     cache_options=(("protect", 16), ("merge", False)))
+@pytest.mark.parametrize("options", [
+    (("protect", 16), ("merge", False)),
+    (("importance", "instruction"), ("protect_text", True), ("assign", "key")),  # as --cache-option KEY=VALUE reads them
+])
+def test_the_engine_runs_the_method_with_its_options(shards, tiny_model, tmp_path, options):
+    job = CaptionJob(input=shards, output=str(tmp_path / "out"), model=tiny_model, method="elastic", budget=0.5,
+                     max_tokens=4, cache_options=options)
     check(job)
-    assert Captions(job).llm.engine.policy == CacheConfig("elastic", 0.5, protect=16, merge=False).policy
+    assert Captions(job).llm.engine.policy == CacheConfig("elastic", 0.5, **dict(options)).policy
 
 
 def test_captions_flag_prompts_the_engine_refuses(tiny_model, tmp_path):
@@ -290,7 +296,7 @@ def test_run_on_two_nodes_flags_bad_rows_and_writes_each_id_once(cluster, tiny_m
     assert sorted(map(str, table.column("id").to_pylist())) == sorted(
         [str(r["id"]) for r, _ in expected] + [f"row-{i:03d}" for i in range(13)])
     check_errors(table, expected)
-    assert set(table.column("method").to_pylist()) == {"elastic"} and set(table.column("budget").to_pylist()) == {0.5}
+    assert set(table.column("method").to_pylist()) == {"elastic-vl"} and set(table.column("budget").to_pylist()) == {0.6}
     metrics = json.loads((tmp_path / "out.metrics.json").read_text())
     assert (metrics["rows"], metrics["errors"], metrics["rows_in"], metrics["rows_out"]) == (25, 10, 25, 25)
     assert metrics["output_tokens"] == sum(v for v in table.column("output_tokens").to_pylist() if v)

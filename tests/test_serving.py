@@ -179,7 +179,7 @@ def test_32_concurrent_requests_get_what_llm_generate_gives(server, scenes, demo
 
     requests = [{"image": decode_image(png), "prompt": text} for png, text in zip(pngs, texts)]
     expected = {}
-    for cache, indices in ((CacheConfig("elastic", 0.5), [i for i in range(32) if i not in full]),
+    for cache, indices in ((CacheConfig("elastic-vl", 0.6), [i for i in range(32) if i not in full]),
                            (CacheConfig("full", 1.0), sorted(full))):
         for max_tokens in {MAX_TOKENS - 8 * (i % 2) for i in indices}:
             chosen = [i for i in indices if MAX_TOKENS - 8 * (i % 2) == max_tokens]
@@ -195,10 +195,10 @@ def test_32_concurrent_requests_get_what_llm_generate_gives(server, scenes, demo
                                    "completion_tokens": want.stats["output_tokens"],
                                    "total_tokens": want.stats["prompt_tokens"] + want.stats["output_tokens"]}
         assert answer["kv_cache"] == {k: want.stats[k] for k in ("method", "budget", "kv_bytes", "kv_bytes_full")}
-    assert {r.json()["kv_cache"]["method"] for r in responses} == {"elastic", "full"}
+    assert {r.json()["kv_cache"]["method"] for r in responses} == {"elastic-vl", "full"}
     assert len({r.json()["choices"][0]["message"]["content"] for r in responses}) > 8
     engines = httpx.get(f"{server}/healthz").json()["engines"]
-    assert sorted((e["method"], e["budget"]) for e in engines) == [("elastic", 0.5), ("full", 1.0)]
+    assert sorted((e["method"], e["budget"]) for e in engines) == [("elastic-vl", 0.6), ("full", 1.0)]
 
 
 @pytest.mark.slow
@@ -290,8 +290,10 @@ BAD = {
     "full below budget 1": (chat(data_url(png()), method="full", budget=0.5), 400, "budget must be 1.0"),
     "unknown cache option": (chat(data_url(png()), cache_options={"window": 4}), 400, "cache_options: method"),
     "cache option of the wrong type": (chat(data_url(png()), cache_options={"protect": "all"}), 400,
-                                       "cache_options: elastic option protect must be int"),
+                                       "cache_options: elastic-vl option protect must be int"),
     "cache options not an object": (chat(data_url(png()), cache_options=[16]), 400, "cache_options"),
+    "cache option too large": (chat(data_url(png()), cache_options={"offset": 10**30}), 400,
+                               "cache_options: elastic-vl option offset must be in [1, 1048576]"),
     "unknown model": (chat(data_url(png()), model="gpt-4o"), 404, "does not exist"),
     "assistant turn": (chat(data_url(png()), messages=[{"role": "assistant", "content": "hi"}]), 400, "role"),
     "n above 1": (chat(data_url(png()), n=2), 400, "n: Input should be 1"),
@@ -421,6 +423,9 @@ def test_cache_options_come_from_the_request_or_for_the_default_method_from_the_
     own = chat(image, cache_options={"protect": 4, "merge": False})
     assert check(parse_request(json.dumps(own).encode()), config).cache == \
         CacheConfig("elastic", 0.5, protect=4, merge=False)
+    vl_options = chat(image, cache_options={"importance": "instruction", "protect_text": True, "assign": "key"})
+    assert prepare(parse_request(json.dumps(vl_options).encode()), config).cache == \
+        CacheConfig("elastic", 0.5, importance="instruction", protect_text=True, assign="key")
     other_method = chat(image, method="h2o", budget=0.3)
     assert check(parse_request(json.dumps(other_method).encode()), config).cache == CacheConfig("h2o", 0.3)
     assert ServeConfig(cache_options='{"protect": 16}').cache_options == {"protect": 16}  # serve run key=value

@@ -21,8 +21,8 @@ class CaptionJob:
     input: str
     output: str
     model: str = "demo"
-    method: str = "elastic"
-    budget: float | str = 0.5  # or "auto": calibrated on the input, see `run`
+    method: str = "elastic-vl"
+    budget: float | str = 0.6  # or "auto": calibrated on the input, see `run`
     cache_options: tuple[tuple[str, object], ...] = ()  # the method's options, e.g. (("protect", 16),)
     target_rouge: float = 0.9
     calibration_rows: int = 32

@@ -32,8 +32,8 @@ class ServeConfig(BaseModel):
 
     model: str = "demo"
     served_model_name: str | None = None
-    method: str = "elastic"
-    budget: float = 0.5
+    method: str = "elastic-vl"
+    budget: float = 0.6
     cache_options: dict[str, Any] = Field(default_factory=dict)  # the default method's options
     max_tokens: int = Field(128, ge=1)
     max_num_seqs: int = Field(16, ge=1)
