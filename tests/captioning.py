@@ -1,9 +1,10 @@
-"""Shared by the captioning tests: a tiny saved model, an input with every kind of bad row, and
-reading a job's output back."""
+"""Shared by the captioning tests: a tiny saved model, an input with every kind of bad row, the
+job's read and prepare stages run without Ray, and reading a job's output back."""
 
 import io
 import re
 import secrets
+import tarfile
 
 import fsspec
 import numpy as np
@@ -12,6 +13,10 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from elastic_ray.models.synthetic import random_llava
+from elastic_ray.pipeline import CaptionJob, check, prepare
+from elastic_ray.pipeline.actor import OUTPUT_SCHEMA
+from elastic_ray.pipeline.prepare import PREPARED_SCHEMA
+from elastic_ray.pipeline.reader import read_rows
 
 def ray_env() -> dict:
     """Environment for a test cluster and its clients: token auth on with a fresh token, and Ray
@@ -59,7 +64,6 @@ def bad_rows() -> list[tuple[dict, str]]:
         ({"id": "blank-instruction", "image": png(5), "instruction": "  \n"}, "empty instruction"),
         ({"id": "long-instruction", "image": png(6), "instruction": LONG_INSTRUCTION},
          "refused by the engine: .*over the engine's limit"),
-        ({"id": None, "image": png(7), "instruction": None}, "missing id"),
     ]
 
 
@@ -69,8 +73,34 @@ def write_rows(path, rows: list[dict], schema: pa.Schema | None = None) -> None:
         pq.write_table(pa.Table.from_pylist(rows, schema=schema), f)
 
 
+def write_tar(path, members: list) -> None:
+    """A tar shard of (name, bytes) members in order; a TarInfo is added as it is (a link, say)."""
+    with tarfile.open(path, "w") as tar:
+        for member in members:
+            if isinstance(member, tarfile.TarInfo):
+                tar.addfile(member)
+                continue
+            name, data = member
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
 def good_rows(n: int, prefix: str = "row") -> list[dict]:
     return [{"id": f"{prefix}-{i:03d}", "image": png(100 + i), "instruction": None} for i in range(n)]
+
+
+def prepared(job: CaptionJob, done: tuple[str, ...] = ()) -> pa.Table:
+    """The job's input through its read and prepare stages, here without Ray."""
+    found = check(job)
+    tables = [prepare(batch, job=job, found=found) for batch in read_rows(job, found, pa.array(done, pa.string()))]
+    return pa.concat_tables(tables) if tables else PREPARED_SCHEMA.empty_table()
+
+
+def write_output_file(path, ids: list[str]) -> None:
+    """A Parquet file of captions with the job's columns, at `path`."""
+    rows = [{"id": i, "caption": "a caption", "model": "demo"} for i in ids]
+    pq.write_table(pa.Table.from_pylist(rows, schema=OUTPUT_SCHEMA), str(path))
 
 
 def read_output(path: str, **storage_options) -> pa.Table:

@@ -19,12 +19,13 @@ no Parquet footer and is deleted first. `run` writes `<output>.metrics.json` (me
 """
 
 from elastic_ray.pipeline.actor import Captioner, Captions, build_llm, load_model, sampling
-from elastic_ray.pipeline.inputs import Input, input_sample, inspect_input
+from elastic_ray.pipeline.inputs import Input, inspect_input
 from elastic_ray.pipeline.job import CaptionJob, JobConfigError
 from elastic_ray.pipeline.metrics import summary
 from elastic_ray.pipeline.output import finished_ids
 from elastic_ray.pipeline.prepare import prepare
+from elastic_ray.pipeline.reader import input_sample, read_input
 from elastic_ray.pipeline.run import check, run
 
 __all__ = ["CaptionJob", "Captioner", "Captions", "Input", "JobConfigError", "build_llm", "check", "finished_ids",
-           "input_sample", "inspect_input", "load_model", "prepare", "run", "sampling", "summary"]
+           "input_sample", "inspect_input", "load_model", "prepare", "read_input", "run", "sampling", "summary"]
