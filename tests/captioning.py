@@ -2,6 +2,7 @@
 job's read and prepare stages run without Ray, and reading a job's output back."""
 
 import io
+import json
 import re
 import secrets
 import tarfile
@@ -84,6 +85,45 @@ def write_tar(path, members: list) -> None:
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
+
+
+def _link(name: str, target: str) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = tarfile.SYMTYPE, target
+    return info
+
+
+def webdataset_shards(folder) -> dict[str, str | None]:
+    """Two img2dataset-style shards and a broken one under `folder`; returns id -> expected error."""
+    folder.mkdir(parents=True)
+    write_tar(folder / "00000.tar", [
+        ("000000001.jpg", png(1)), ("000000001.txt", b"an alt text"),
+        ("000000002.png", png(2)), ("000000002.json", json.dumps({"instruction": "what shape ?"}).encode()),
+        ("000000003.webp", png(3)), ("000000003.json", json.dumps({"caption": "no instruction"}).encode()),
+        ("000000004.txt", b"text only"),
+        ("000000005.jpg", b"not an image"),
+        ("000000006.png", png(6)), ("000000006.json", b"{not json"),
+        ("000000007.png", png(7)), ("000000007.json", json.dumps({"instruction": 5}).encode()),
+        _link("000000008.png", "/etc/passwd"),
+        ("000000009.png", png(9)), ("000000009.jpg", png(10)),
+        (".png", png(11)),
+    ])
+    write_tar(folder / "00001.tar", [("000000010.png", png(12)), ("000000010.txt", b"x")])
+    write_tar(folder / "00002.tar", [("000000011.png", png(13)), ("000000012.png", png(14))])
+    whole = (folder / "00002.tar").read_bytes()  # cut inside the second member's header:
+    (folder / "00002.tar").write_bytes(whole[:512 + 512 * ((len(png(13)) + 511) // 512) + 100])
+    (folder / "00003.tar").write_bytes(b"not a tar at all" * 100)
+    return {
+        "000000001": None, "000000002": None, "000000003": None,
+        "000000004": "missing image: no png\\|jpg.* member for key '000000004' \\(members: 000000004.txt\\)",
+        "000000005": "undecodable image", "000000006": "000000006.json is not valid JSON",
+        "000000007": "'instruction' in 000000007.json must be a string, got int",
+        "000000008": "member 000000008.png is not a regular file",
+        "000000009": "more than one image for key '000000009'",
+        "00000.tar#9": None, "000000010": None, "000000011": None,
+        "00002.tar#1": "tar shard unreadable after 1 samples",
+        "00003.tar#0": "tar shard unreadable after 0 samples",
+    }
 
 
 def good_rows(n: int, prefix: str = "row") -> list[dict]:

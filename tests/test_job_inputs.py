@@ -3,19 +3,19 @@ input, every file's schema checked before Ray starts, ids (derived for null ones
 found and kept apart on request), the formats (Parquet with Hugging Face image structs,
 WebDataset tar shards, image folders), and which output files resume counts and deletes."""
 
-import json
 import os
 import re
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import fsspec
 import pyarrow as pa
 import pytest
 
-from captioning import errors_by_id, good_rows, png, prepared, write_output_file, write_rows, write_tar
+from captioning import (
+    errors_by_id, good_rows, png, prepared, webdataset_shards, write_output_file, write_rows, write_tar,
+)
 from conftest import special_files, within
 from elastic_ray.data.shapes import CAPTION_INSTRUCTION
 from elastic_ray.pipeline import CaptionJob, JobConfigError, check, finished_ids
@@ -181,45 +181,6 @@ def test_hugging_face_image_structs_are_read(tmp_path):
     assert errors["bytes"] is None and errors["path"] is None
     assert errors["neither"] == "missing image" and errors["null"] == "missing image"
     assert "outside the allowed locations" in errors["outside"]
-
-
-def _link(name: str, target: str) -> tarfile.TarInfo:
-    info = tarfile.TarInfo(name)
-    info.type, info.linkname = tarfile.SYMTYPE, target
-    return info
-
-
-def webdataset_shards(folder: Path) -> dict[str, str | None]:
-    """Two img2dataset-style shards and a broken one under `folder`; returns id -> expected error."""
-    folder.mkdir(parents=True)
-    write_tar(folder / "00000.tar", [
-        ("000000001.jpg", png(1)), ("000000001.txt", b"an alt text"),
-        ("000000002.png", png(2)), ("000000002.json", json.dumps({"instruction": "what shape ?"}).encode()),
-        ("000000003.webp", png(3)), ("000000003.json", json.dumps({"caption": "no instruction"}).encode()),
-        ("000000004.txt", b"text only"),
-        ("000000005.jpg", b"not an image"),
-        ("000000006.png", png(6)), ("000000006.json", b"{not json"),
-        ("000000007.png", png(7)), ("000000007.json", json.dumps({"instruction": 5}).encode()),
-        _link("000000008.png", "/etc/passwd"),
-        ("000000009.png", png(9)), ("000000009.jpg", png(10)),
-        (".png", png(11)),
-    ])
-    write_tar(folder / "00001.tar", [("000000010.png", png(12)), ("000000010.txt", b"x")])
-    write_tar(folder / "00002.tar", [("000000011.png", png(13)), ("000000012.png", png(14))])
-    whole = (folder / "00002.tar").read_bytes()  # cut inside the second member's header:
-    (folder / "00002.tar").write_bytes(whole[:512 + 512 * ((len(png(13)) + 511) // 512) + 100])
-    (folder / "00003.tar").write_bytes(b"not a tar at all" * 100)
-    return {
-        "000000001": None, "000000002": None, "000000003": None,
-        "000000004": "missing image: no png\\|jpg.* member for key '000000004' \\(members: 000000004.txt\\)",
-        "000000005": "undecodable image", "000000006": "000000006.json is not valid JSON",
-        "000000007": "'instruction' in 000000007.json must be a string, got int",
-        "000000008": "member 000000008.png is not a regular file",
-        "000000009": "more than one image for key '000000009'",
-        "00000.tar#9": None, "000000010": None, "000000011": None,
-        "00002.tar#1": "tar shard unreadable after 1 samples",
-        "00003.tar#0": "tar shard unreadable after 0 samples",
-    }
 
 
 def test_webdataset_shards_each_bad_member_a_flagged_row(tmp_path):

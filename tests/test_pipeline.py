@@ -21,7 +21,7 @@ import torch
 
 from captioning import (
     MAX_PIXELS, bad_rows, check_errors, errors_by_id, good_rows, png, prepared, ray_env, read_output,
-    save_tiny_model, write_output_file, write_rows,
+    save_tiny_model, webdataset_shards, write_output_file, write_rows, write_tar,
 )
 from elastic_ray import CacheConfig
 from elastic_ray.data.images import decode_image
@@ -98,6 +98,7 @@ def test_a_non_empty_output_needs_resume(shards, tmp_path):
     (["--cache-option", "protect=high"], "bad cache settings: elastic option protect must be int, got 'high'"),
     (["--kv-cache-memory", "lots"], "argument --kv-cache-memory: bytes (an integer) or a fraction"),
 ])
+@pytest.mark.slow
 def test_cli_refuses_bad_arguments_before_starting_ray(shards, tmp_path, args, message):
     result = subprocess.run(
         [sys.executable, "jobs/caption.py", "--input", shards, "--output", str(tmp_path / "out"), *args],
@@ -257,22 +258,25 @@ def caption(cluster, *args) -> subprocess.CompletedProcess:
     return result
 
 
+@pytest.mark.slow
 def test_run_on_two_nodes_flags_bad_rows_and_writes_each_id_once(cluster, tiny_model, tmp_path):
     expected = bad_rows()
-    write_rows(tmp_path / "in" / "bad.parquet", [row for row, _ in expected])
+    no_id = {"id": None, "image": png(7), "instruction": None}
+    write_rows(tmp_path / "in" / "bad.parquet", [row for row, _ in expected] + [no_id])
+    expected.append(({**no_id, "id": f"bad.parquet#{len(expected)}"}, None))
     write_rows(tmp_path / "in" / "good.parquet", good_rows(13))
     out = tmp_path / "out"
     result = caption(cluster, "--input", tmp_path / "in", "--output", out, "--model", tiny_model, "--max-tokens", 4,
                      "--num-actors", 2, "--batch-size", 3, "--max-pixels", MAX_PIXELS, "--rows-per-file", 5)
-    assert "captioned 25 rows (10 errors)" in result.stdout
+    assert "captioned 25 rows (9 errors)" in result.stdout
     table = read_output(str(out))
     assert table.num_rows == 25
-    assert sorted(map(str, table.column("id").to_pylist())) == sorted(
-        [str(r["id"]) for r, _ in expected] + [f"row-{i:03d}" for i in range(13)])
+    assert sorted(table.column("id").to_pylist()) == sorted(
+        [r["id"] for r, _ in expected] + [f"row-{i:03d}" for i in range(13)])
     check_errors(table, expected)
     assert set(table.column("method").to_pylist()) == {"elastic"} and set(table.column("budget").to_pylist()) == {0.5}
     metrics = json.loads((tmp_path / "out.metrics.json").read_text())
-    assert (metrics["rows"], metrics["errors"], metrics["rows_in"], metrics["rows_out"]) == (25, 10, 25, 25)
+    assert (metrics["rows"], metrics["errors"], metrics["rows_in"], metrics["rows_out"]) == (25, 9, 25, 25)
     assert metrics["output_tokens"] == sum(v for v in table.column("output_tokens").to_pylist() if v)
     assert metrics["rows_per_s"] > 0 and 0 < metrics["kv_bytes_per_seq"] < metrics["kv_bytes_full_per_seq"]
     assert metrics["num_actors"] == 2 and metrics["nodes"] == 2
@@ -294,6 +298,7 @@ def _captioner_pids(raylets: list[int]) -> list[int]:
     return pids
 
 
+@pytest.mark.slow
 def test_a_killed_actor_is_replaced_and_every_row_still_arrives(cluster, tiny_model, tmp_path):
     (tmp_path / "in").mkdir()
     for i in range(60):
@@ -341,6 +346,7 @@ def s3_server():
     server.wait(timeout=10)
 
 
+@pytest.mark.slow
 def test_s3_input_image_paths_and_output_through_a_local_server(cluster, tiny_model, s3_server, monkeypatch):
     for key, value in S3_ENV.items():
         monkeypatch.setenv(key, value)
@@ -368,12 +374,35 @@ def test_s3_input_image_paths_and_output_through_a_local_server(cluster, tiny_mo
     assert errors_by_id(read_output("s3://captions/out", endpoint_url=s3_server))["5"] is None
 
 
+@pytest.mark.slow
+def test_webdataset_shards_on_s3_with_duplicate_keys_kept_apart(cluster, tiny_model, s3_server, monkeypatch, tmp_path):
+    for key, value in S3_ENV.items():
+        monkeypatch.setenv(key, value)
+    expected = webdataset_shards(tmp_path / "shards")
+    write_tar(tmp_path / "shards" / "00004.tar", [("000000001.png", png(20)), ("000000001.json", b"{}")])
+    expected["000000001#00004.tar#0"] = None  # a key already in 00000.tar
+    s3 = s3fs.S3FileSystem(endpoint_url=s3_server)
+    s3.mkdir("tars")
+    for shard in (tmp_path / "shards").iterdir():
+        s3.pipe(f"tars/in/{shard.name}", shard.read_bytes())
+    args = ["--input", "s3://tars/in", "--output", "s3://tars/out", "--model", tiny_model, "--max-tokens", 4,
+            "--endpoint-url", s3_server, "--batch-size", 4, "--allow-duplicate-ids"]
+    result = caption(cluster, *args)
+    errors = errors_by_id(read_output("s3://tars/out", endpoint_url=s3_server))
+    assert sorted(errors) == sorted(expected)
+    for key, pattern in expected.items():
+        assert (errors[key] is None) if pattern is None else re.search(pattern, errors[key] or ""), (key, errors[key])
+    bad = sum(p is not None for p in expected.values())
+    assert f"captioned {len(expected)} rows ({bad} errors)" in result.stdout
+
+
 def _parquet_bytes(rows: list[dict], schema: pa.Schema) -> bytes:
     sink = pa.BufferOutputStream()
     pq.write_table(pa.Table.from_pylist(rows, schema=schema), sink)
     return sink.getvalue().to_pybytes()
 
 
+@pytest.mark.slow
 def test_budget_auto_calibrates_on_the_input_and_captions_at_its_choice(cluster, tmp_path):
     write_shards(tmp_path / "in", 12, rows_per_shard=6)
     out, target, rows, max_tokens = tmp_path / "out", 0.8, 8, 24
