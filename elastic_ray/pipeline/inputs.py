@@ -291,14 +291,20 @@ def _renames(job: CaptionJob, sources: list[str], ids: list[pa.Array]) -> dict[s
     """The ids of duplicates kept apart, by file and row; without --allow-duplicate-ids a
     duplicate raises JobConfigError with examples.
 
-    One pass over the id column: the ids in memory once (Arrow strings: their bytes plus 8 bytes
-    a row) and a hash count of them, so time and memory grow with the id column alone."""
-    every = pa.chunked_array([a.cast(pa.large_string()) for a in ids], pa.large_string()).combine_chunks()
-    counts = pc.value_counts(every)
-    repeated = counts.field("values").filter(pc.greater(counts.field("counts"), 1))
-    if len(repeated) == 0:
+    One pass over the id column, by sorting: the ids in memory once, and once more in sorted order
+    with their sort indices (their bytes plus 12 bytes a row), so time and memory grow with the
+    id column alone, never with the images."""
+    every = pa.chunked_array(ids, pa.string())
+    if every.nbytes >= 2**31:  # sorted into one array, the ids need 64-bit offsets
+        every = every.cast(pa.large_string())
+    order = pc.sort_indices(every)
+    ordered = every.take(order)
+    same = pc.equal(ordered[1:], ordered[:-1]).to_numpy(zero_copy_only=False)  # ordered[i] == ordered[i + 1]
+    if not same.any():
         return {}
-    positions = np.flatnonzero(pc.is_in(every, value_set=repeated).to_numpy(zero_copy_only=False))
+    twins = np.flatnonzero(same)
+    positions = np.sort(order.to_numpy()[np.union1d(twins, twins + 1)])  # in input order
+    del order, ordered, same
     starts = np.cumsum([0] + [len(a) for a in ids])
     places: dict[str, list[tuple[str, int]]] = {}
     for position, value in zip(positions, every.take(pa.array(positions)).to_pylist()):
@@ -307,13 +313,13 @@ def _renames(job: CaptionJob, sources: list[str], ids: list[pa.Array]) -> dict[s
     if not job.allow_duplicate_ids:
         examples = "; ".join(f"{value!r} in " + ", ".join(f"{s} row {r}" for s, r in where[:3])
                              for value, where in list(places.items())[:DUPLICATE_EXAMPLES])
-        raise JobConfigError(f"{len(repeated)} ids occur more than once in {job.input} ({examples}); pass "
+        raise JobConfigError(f"{len(places)} ids occur more than once in {job.input} ({examples}); pass "
                              "--allow-duplicate-ids to caption each row, later occurrences as '<id>#<file>#<row>'")
     renames: dict[str, dict[int, str]] = {}
     for value, where in places.items():
         for source, row in where[1:]:
             renames.setdefault(source, {})[row] = f"{value}#{source}#{row}"
-    new = pa.array([v for rows in renames.values() for v in rows.values()], pa.large_string())
+    new = pa.array([v for rows in renames.values() for v in rows.values()], every.type)
     clash = new.filter(pc.is_in(new, value_set=every))
     if len(clash):
         raise JobConfigError(f"--allow-duplicate-ids: the id {clash[0].as_py()!r} given to a duplicate is "
