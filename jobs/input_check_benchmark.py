@@ -1,7 +1,8 @@
 """What the caption job's checks before Ray cost: `check()` (every file's schema, the id pass for
 duplicates, the pieces) on a generated Parquet input, beside reading only the files' footers
 (what any run must do to count rows) and reading every row's image bytes once (what the run reads
-anyway). Interleaved repeats; wall and CPU seconds.
+anyway). Interleaved repeats; wall and CPU seconds, and Arrow's peak allocation once the first
+check has run (writing the input allocates one file's table at a time).
 
     python jobs/input_check_benchmark.py --rows 100000 --files 100
 """
@@ -57,10 +58,14 @@ def main() -> None:
         arms = {"check": lambda: check(job), "footers only": lambda: footers(folder),
                 "read the images once": lambda: images(folder)}
         times: dict[str, list] = {name: [] for name in arms}
-        for _ in range(args.repeats):
+        times["check"].append(timed(arms["check"]))
+        peak = pa.default_memory_pool().max_memory()
+        for repeat in range(args.repeats):
             for name, fn in arms.items():
-                times[name].append(timed(fn))
-    result = {"rows": args.rows, "files": args.files, "image_bytes": args.image_bytes}
+                if repeat or name != "check":
+                    times[name].append(timed(fn))
+    result = {"rows": args.rows, "files": args.files, "image_bytes": args.image_bytes,
+              "arrow_peak_mb_after_check": round(peak / 2**20, 1)}
     for name, runs in times.items():
         result[name] = {"wall_s": round(float(np.median([w for w, _ in runs])), 3),
                         "cpu_s": round(float(np.median([c for _, c in runs])), 3)}

@@ -58,24 +58,29 @@ def _parquet_rows(layout: Layout, piece: Piece, file: pq.ParquetFile, done: pa.A
     if not keep.any():
         return
     columns = [c for c in (layout.image_column, layout.instruction) if c is not None]
-    offset = 0
-    for batch in file.iter_batches(batch_size=batch_rows, row_groups=piece.row_groups, columns=columns):
-        rows = slice(offset, offset + batch.num_rows)
-        offset += batch.num_rows
-        if not keep[rows].any():
-            continue
-        image = batch.column(layout.image_column)
-        image_path = None
-        if layout.image_kind == "path":
-            image, image_path = None, image
-        elif layout.image_kind == "struct":  # Hugging Face's Image: the bytes if present, else the path
-            fields = {image.type.field(i).name for i in range(image.type.num_fields)}
-            image, image_path = (pc.struct_field(image, name) if name in fields else None
-                                 for name in ("bytes", "path"))
-            if image is not None and image_path is not None:
-                image_path = pc.if_else(pc.is_null(image), image_path, pa.scalar(None, image_path.type))
-        instruction = batch.column(layout.instruction) if layout.instruction else None
-        yield _rows(ids[rows], image, image_path, instruction).filter(keep[rows])
+    bounds = np.cumsum([0] + [file.metadata.row_group(g).num_rows for g in piece.row_groups])
+    for group, offset, end in zip(piece.row_groups, bounds[:-1], bounds[1:]):
+        if not keep[offset:end].any():
+            continue  # a row group whose rows are all captioned: its images are never read
+        for batch in file.iter_batches(batch_size=batch_rows, row_groups=[group], columns=columns):
+            rows = slice(offset, offset + batch.num_rows)
+            offset += batch.num_rows
+            if keep[rows].any():
+                yield _parquet_batch(layout, batch, ids[rows]).filter(keep[rows])
+
+
+def _parquet_batch(layout: Layout, batch: pa.RecordBatch, ids: pa.Array) -> pa.Table:
+    image = batch.column(layout.image_column)
+    image_path = None
+    if layout.image_kind == "path":
+        image, image_path = None, image
+    elif layout.image_kind == "struct":  # Hugging Face's Image: the bytes if present, else the path
+        fields = {image.type.field(i).name for i in range(image.type.num_fields)}
+        image, image_path = (pc.struct_field(image, name) if name in fields else None for name in ("bytes", "path"))
+        if image is not None and image_path is not None:
+            image_path = pc.if_else(pc.is_null(image), image_path, pa.scalar(None, image_path.type))
+    instruction = batch.column(layout.instruction) if layout.instruction else None
+    return _rows(ids, image, image_path, instruction)
 
 
 def _webdataset_rows(layout: Layout, piece: Piece, fileobj, done: pa.Array, batch_rows: int) -> Iterator[pa.Table]:
