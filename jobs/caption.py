@@ -72,7 +72,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-duplicate-ids", action="store_true",
                    help="caption every row of an id that occurs more than once; later ones as '<id>#<file>#<row>'")
     p.add_argument("--id-column", default=d.id_column, help="rows with a null id get '<file>#<row>'")
-    p.add_argument("--image-column", default=d.image_column, help="encoded image bytes")
+    p.add_argument("--image-column", default=d.image_column,
+                   help="encoded image bytes, or Hugging Face's {bytes, path} image struct")
     p.add_argument("--image-path-column", help="image paths or URIs, relative to the input, instead of bytes")
     p.add_argument("--instruction-column", help="default: 'instruction' when the input has it (for tar shards: the "
                                                 "field of KEY.json)")
