@@ -1,7 +1,10 @@
-"""Shared fixtures: tiny random VLMs built offline, and a batch of prompts that needs left padding."""
+"""Shared fixtures: tiny random VLMs built offline, a batch of prompts that needs left padding, an
+image server, and files a reader of untrusted paths must refuse."""
 
 import contextlib
 import http.server
+import os
+import socket
 import threading
 import time
 
@@ -98,3 +101,57 @@ def http_image_server(image: bytes, paths: set[str], redirects: dict[str, str] |
     finally:
         server.shutdown()
         server.server_close()
+
+
+# A file of each kind a reader of untrusted local paths must refuse, and why.
+SPECIAL_FILES = {
+    "fifo.png": "is a FIFO, not a regular file",
+    "socket.png": "is a socket, not a regular file",
+    "folder.png": "is a directory, not a regular file",
+    "to-outside.png": "outside the allowed locations",
+    "to-zero.png": "outside the allowed locations",
+    "to-fifo.png": "is a FIFO, not a regular file",
+    "loop.png": "is a symlink, not a regular file",
+}
+
+
+@contextlib.contextmanager
+def special_files(folder, outside):
+    """SPECIAL_FILES made in `folder` (`outside`: a readable file elsewhere for a link to point
+    at); on exit, a reader still blocked opening the FIFO is let go."""
+    os.mkfifo(folder / "fifo.png")
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(folder / "socket.png"))
+    (folder / "folder.png").mkdir()
+    (folder / "to-outside.png").symlink_to(outside)
+    (folder / "to-zero.png").symlink_to("/dev/zero")
+    (folder / "to-fifo.png").symlink_to(folder / "fifo.png")
+    (folder / "loop.png").symlink_to(folder / "loop.png")
+    try:
+        yield SPECIAL_FILES
+    finally:
+        server.close()
+        try:
+            os.close(os.open(folder / "fifo.png", os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:  # nobody is blocked on it
+            pass
+
+
+def within(seconds: float, fn, *args, **kwargs):
+    """`fn(*args, **kwargs)` on a thread; fails if it has not returned after `seconds`, so a read
+    that blocks fails the test instead of hanging it."""
+    box = {}
+
+    def target():
+        try:
+            box["value"] = fn(*args, **kwargs)
+        except BaseException as e:  # noqa: BLE001 - re-raised on the caller's thread
+            box["error"] = e
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"{getattr(fn, '__name__', fn)} still blocked after {seconds} s"
+    if "error" in box:
+        raise box["error"]
+    return box["value"]

@@ -16,6 +16,7 @@ from functools import cached_property
 from PIL import Image
 
 from elastic_ray.data.fetch import Fetcher, FetchError
+from elastic_ray.data.local_files import FileRefused, open_regular
 from elastic_ray.data.urls import HTTPURL, URLError, parse_http_url
 
 MAX_PIXELS = 25_000_000
@@ -104,10 +105,12 @@ class ImageSource:
 
     A path is read only if, after resolving `..`, it lies under one of `allowed` (local
     directories or URL prefixes such as `s3://bucket/images/`); relative paths are taken
-    under `root`. `storage_options` maps a protocol to its fsspec options
-    (`{"s3": {"endpoint_url": ...}}`). An http(s) URL is compared in its canonical form against
-    the http(s) prefixes (themselves canonicalised) and fetched by `fetcher`, which bounds the
-    fetch's time and the fetches at once; it is shared by every ImageSource given the same one.
+    under `root`. A local path is read only if it is still under a local folder of `allowed`
+    once its symlinks are resolved, and only if it is a regular file (see `local_files`).
+    `storage_options` maps a protocol to its fsspec options (`{"s3": {"endpoint_url": ...}}`).
+    An http(s) URL is compared in its canonical form against the http(s) prefixes (themselves
+    canonicalised) and fetched by `fetcher`, which bounds the fetch's time and the fetches at
+    once; it is shared by every ImageSource given the same one.
     """
 
     allowed: tuple[str, ...] = ()
@@ -165,15 +168,22 @@ class ImageSource:
         protocol = resolved.split("://", 1)[0] if _is_url(resolved) else "file"
         options = (self.storage_options or {}).get(protocol, {})
         try:
-            with fsspec.open(resolved, "rb", **options) as f:
+            with self._open_local(resolved) if protocol == "file" else fsspec.open(resolved, "rb", **options) as f:
                 data = f.read(self.max_bytes + 1)
         except FileNotFoundError as e:
             raise ImageError(f"missing image: {path}") from e
+        except FileRefused as e:
+            raise ImageError(f"image path refused: {e}") from e
         except Exception as e:
             raise ImageError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
         if len(data) > self.max_bytes:
             raise ImageError(f"image file {path} is over the limit of {self.max_bytes} bytes")
         return data
+
+    def _open_local(self, resolved: str):
+        """A local file, opened only if it is regular and under a local allowed folder once resolved."""
+        folders = [p.removeprefix("file://") for p in self.allowed if not _is_url(p) or p.startswith("file://")]
+        return open_regular(resolved.removeprefix("file://"), folders)
 
     def load(self, path, max_pixels: int = MAX_PIXELS) -> Image.Image:
         return decode_image(self.read(path), max_pixels)
