@@ -16,11 +16,6 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
-
-from elastic_ray.benchmark import ARMS, SHAPES, format_table, full_sequence_bytes, random_llava_15, run_benchmark
-from elastic_ray.models.loading import load
-
 # On a GPU: 624 + 256 tokens and 40 GB of KV memory, so that the full cache gets ~86 slots and
 # Elastic Cache 0.2 ~431, with enough requests to fill the larger engine; one round (a GPU is not shared).
 GPU_DEFAULTS = dict(shape="llava-1.5-7b", requests=512, max_tokens=256, kv_budget_bytes=40 * 10**9, arms="a,e,f", rounds=1)
@@ -29,8 +24,8 @@ CPU_DEFAULTS = dict(shape="quick", requests=48, max_tokens=32, kv_budget_bytes=N
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--shape", choices=sorted(SHAPES), help="random-weight shape (default: quick on CPU, 7B on GPU)")
+    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    parser.add_argument("--shape", help="random-weight shape (default: quick on CPU, 7B on GPU)")
     parser.add_argument("--quick", action="store_true", help="same as --shape quick")
     parser.add_argument("--model", default=None, help="a local model path or 'demo' instead of random weights")
     parser.add_argument("--requests", type=int)
@@ -46,7 +41,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     parser.add_argument("--out", default="out/benchmark", help="run directory for benchmark.json")
     args = parser.parse_args()
+    import torch  # after parsing: --help answers at once
 
+    from elastic_ray.benchmark import ARMS, SHAPES, format_table, full_sequence_bytes, random_llava_15, run_benchmark
+    from elastic_ray.models.loading import load
+
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.shape is not None and args.shape not in SHAPES:
+        parser.error(f"--shape must be one of {', '.join(sorted(SHAPES))}")
     gpu = args.device.startswith("cuda")
     defaults = GPU_DEFAULTS if gpu else CPU_DEFAULTS
     if args.threads:

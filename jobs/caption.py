@@ -15,6 +15,7 @@ from elastic_ray.data.shapes import write_shards
 from elastic_ray.eval.calibrate import choose_budget
 from elastic_ray.eval.samples import Sample
 from elastic_ray.pipeline import CaptionJob, JobConfigError, load_model, run, summary
+from elastic_ray.pipeline.job import INPUT_FORMATS
 from elastic_ray.report import caption_report, read_runs
 
 DEMO_INPUT = "out/demo-shards"
@@ -42,11 +43,13 @@ def calibrate(job: CaptionJob, requests: list[dict]) -> dict:
 def parser() -> argparse.ArgumentParser:
     d = CaptionJob(input="", output="")
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--input", help=f"Parquet shards or images: a file, folder or s3:// prefix "
-                                   f"(default: the demo shards, written to {DEMO_INPUT} if missing)")
+    p.add_argument("--input", help=f"Parquet shards, WebDataset tar shards or images: a file, folder or s3:// "
+                                   f"prefix (default: the demo shards, written to {DEMO_INPUT} if missing)")
+    p.add_argument("--input-format", choices=("auto", *INPUT_FORMATS), default=d.input_format,
+                   help="auto: parquet if the input holds .parquet files, else webdataset if .tar, else images")
     p.add_argument("--output", default="out/captions", help="output folder or s3:// prefix")
     p.add_argument("--model", default=d.model, help="'demo', a local path or a hub id")
-    p.add_argument("--method", default=d.method, help="full, elastic, h2o or streaming")
+    p.add_argument("--method", default=d.method, help="full, elastic (the paper's), elastic-vl, h2o or streaming")
     p.add_argument("--budget", type=budget, default=d.budget,
                    help="fraction of KV entries kept, in (0, 1]; 'auto': the smallest that meets --target-rouge "
                         "on the input's first --calibration-rows good rows")
@@ -66,10 +69,14 @@ def parser() -> argparse.ArgumentParser:
                    help="each engine's KV memory: bytes (an integer) or a fraction of the device's free memory "
                         "(a number with a point); it sets the slots, at most --max-num-seqs")
     p.add_argument("--resume", action="store_true", help="finish a run into a non-empty output")
-    p.add_argument("--id-column", default=d.id_column)
-    p.add_argument("--image-column", default=d.image_column, help="encoded image bytes")
+    p.add_argument("--allow-duplicate-ids", action="store_true",
+                   help="caption every row of an id that occurs more than once; later ones as '<id>#<file>#<row>'")
+    p.add_argument("--id-column", default=d.id_column, help="rows with a null id get '<file>#<row>'")
+    p.add_argument("--image-column", default=d.image_column,
+                   help="encoded image bytes, or Hugging Face's {bytes, path} image struct")
     p.add_argument("--image-path-column", help="image paths or URIs, relative to the input, instead of bytes")
-    p.add_argument("--instruction-column", help="default: 'instruction' when the input has it")
+    p.add_argument("--instruction-column", help="default: 'instruction' when the input has it (for tar shards: the "
+                                                "field of KEY.json)")
     p.add_argument("--endpoint-url", help="S3-compatible endpoint for s3:// paths")
     p.add_argument("--allow-images-from", action="append", default=[], metavar="PREFIX",
                    help="a folder or URL prefix image paths may also be read from (repeatable)")
@@ -97,7 +104,8 @@ def main(argv=None) -> None:
         max_tokens=args.max_tokens, instruction=args.instruction, num_actors=args.num_actors,
         gpus_per_actor=args.gpus_per_actor, cpus_per_actor=args.cpus_per_actor, batch_size=args.batch_size,
         max_num_seqs=args.max_num_seqs, kv_cache_memory=args.kv_cache_memory,
-        resume=args.resume, id_column=args.id_column, image_column=args.image_column,
+        resume=args.resume, input_format=args.input_format, allow_duplicate_ids=args.allow_duplicate_ids,
+        id_column=args.id_column, image_column=args.image_column,
         image_path_column=args.image_path_column, instruction_column=args.instruction_column,
         endpoint_url=args.endpoint_url, allow_images_from=tuple(args.allow_images_from),
         max_pixels=args.max_pixels, rows_per_file=args.rows_per_file, address=args.address,

@@ -5,9 +5,12 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from elastic_ray.benchmark import ARMS, format_table, full_sequence_bytes, run_benchmark
 
 
+@pytest.mark.slow
 def test_every_arm_runs_the_same_work_within_each_budget_of_the_sweep(tiny_llava):
     model, processor = tiny_llava
     per_sequence = full_sequence_bytes(model, processor, max_tokens=6)

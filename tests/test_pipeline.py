@@ -20,20 +20,21 @@ import s3fs
 import torch
 
 from captioning import (
-    MAX_PIXELS, bad_rows, check_errors, errors_by_id, good_rows, png, ray_env, read_output, save_tiny_model,
-    write_rows,
+    MAX_PIXELS, bad_rows, check_errors, errors_by_id, good_rows, png, prepared, ray_env, read_output,
+    save_tiny_model, webdataset_shards, write_output_file, write_rows, write_tar,
 )
+from processes import Service
 from elastic_ray import CacheConfig
 from elastic_ray.data.images import decode_image
 from elastic_ray.data.shapes import CAPTION_INSTRUCTION, write_shards
 from elastic_ray.eval.samples import Sample
 from elastic_ray.eval.sweep import Cell, run_cell
 from elastic_ray.models.loading import load
-from elastic_ray.pipeline import Captions, CaptionJob, JobConfigError, check, finished_ids, input_sample, prepare
+from elastic_ray.pipeline import Captions, CaptionJob, JobConfigError, check, finished_ids, input_sample
 
 REPO = Path(__file__).parents[1]
 
-NO_IDS = pa.array([], pa.string())
+OURS = "captions-" + "ab" * 16 + "-000000-{}.parquet"  # a name the job's CaptionFiles gives
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +73,7 @@ def shards(tmp_path):
     ({"budget": "auto", "target_rouge": 0}, "--target-rouge must be in \\(0, 1\\]"),
     ({"budget": "auto", "target_rouge": 1.5}, "--target-rouge must be in \\(0, 1\\]"),
     ({"budget": "auto", "calibration_rows": 0}, "--calibration-rows must be a positive integer"),
-    ({"cache_options": (("protect", "16"),)}, "elastic option protect must be int"),
+    ({"cache_options": (("protect", "16"),)}, "elastic-vl option protect must be int"),
     ({"cache_options": (("window", 4),)}, "no option\\(s\\) \\['window'\\]"),
 ])
 def test_bad_arguments_are_refused(shards, tiny_model, tmp_path, change, message):
@@ -95,9 +96,12 @@ def test_a_non_empty_output_needs_resume(shards, tmp_path):
     (["--budget", "2"], "bad cache settings: budget must be in (0, 1]"),
     (["--budget", "half"], "argument --budget: a number in (0, 1] or 'auto', got 'half'"),
     (["--cache-option", "protect"], "argument --cache-option: a cache option looks like KEY=VALUE"),
-    (["--cache-option", "protect=high"], "bad cache settings: elastic option protect must be int, got 'high'"),
+    (["--cache-option", "protect=high"], "option protect must be int, got 'high'"),
+    (["--cache-option", "importance=max"], "option importance must be one of ('sum', 'mean', 'instruction')"),
+    (["--cache-option", "offset=99999999999999999999"], "option offset must be in [1, 1048576]"),
     (["--kv-cache-memory", "lots"], "argument --kv-cache-memory: bytes (an integer) or a fraction"),
 ])
+@pytest.mark.slow
 def test_cli_refuses_bad_arguments_before_starting_ray(shards, tmp_path, args, message):
     result = subprocess.run(
         [sys.executable, "jobs/caption.py", "--input", shards, "--output", str(tmp_path / "out"), *args],
@@ -118,31 +122,30 @@ def test_prepare_flags_bad_images_and_instructions(tmp_path):
     job = CaptionJob(input=str(tmp_path / "in.parquet"), output=str(tmp_path / "out"), max_pixels=MAX_PIXELS)
     found = check(job)
     assert (found.format, found.rows, found.instruction_column) == ("parquet", len(expected), "instruction")
-    prepared = prepare(pq.read_table(tmp_path / "in.parquet"), job=job, found=found, done=NO_IDS)
-    assert prepared.num_rows == len(expected)
-    errors = errors_by_id(prepared)
+    table = prepared(job)
+    assert table.num_rows == len(expected)
+    errors = errors_by_id(table)
     for row, pattern in expected:
         if pattern is None or pattern.startswith("refused by the engine"):  # the engine judges prompt length
             assert errors[row["id"]] is None
         else:
             assert errors[row["id"]] and re.search(pattern, errors[row["id"]]), (row["id"], errors[row["id"]])
-    prompts = dict(zip(prepared.column("id").to_pylist(), prepared.column("prompt").to_pylist()))
+    prompts = dict(zip(table.column("id").to_pylist(), table.column("prompt").to_pylist()))
     assert prompts["good-default"] == CAPTION_INSTRUCTION
     assert prompts["good-custom"] == "what color is the shape ?"
 
 
-def test_prepare_flags_values_of_the_wrong_type(tmp_path):
-    schema = pa.schema([("id", pa.float64()), ("image", pa.string()), ("instruction", pa.int64())])
-    write_rows(tmp_path / "in.parquet", [{"id": 1.5, "image": "a.png", "instruction": 3}], schema)
-    schema = pa.schema([("id", pa.int64()), ("image", pa.string()), ("instruction", pa.int64())])
-    write_rows(tmp_path / "in2.parquet", [{"id": 7, "image": "a.png", "instruction": None},
-                                          {"id": 8, "image": None, "instruction": 5}], schema)
-    for name, expected in [("in.parquet", {"1.5": "id must be a string or an integer, got float"}),
-                           ("in2.parquet", {"7": "image must be encoded bytes, got str",
-                                            "8": "instruction must be a string, got int"})]:
-        job = CaptionJob(input=str(tmp_path / name), output=str(tmp_path / "out"))
-        prepared = prepare(pq.read_table(tmp_path / name), job=job, found=check(job), done=NO_IDS)
-        assert errors_by_id(prepared) == expected
+@pytest.mark.parametrize("schema, message", [
+    ([("id", pa.float64()), ("image", pa.binary())], "--id-column: column 'id' in .* is double, not string or integer"),
+    ([("id", pa.string()), ("image", pa.string())],
+     "--image-column: column 'image' in .* is string, not binary or struct; for image paths pass --image-path-column"),
+    ([("id", pa.int64()), ("image", pa.binary()), ("instruction", pa.int64())],
+     "--instruction-column: column 'instruction' in .* is int64, not string"),
+])
+def test_columns_of_the_wrong_type_are_refused_before_ray(tmp_path, schema, message):
+    write_rows(tmp_path / "in.parquet", [], pa.schema(schema))
+    with pytest.raises(JobConfigError, match=message):
+        check(CaptionJob(input=str(tmp_path / "in.parquet"), output=str(tmp_path / "out")))
 
 
 def test_prepare_reads_image_paths_only_under_the_input(tmp_path):
@@ -157,24 +160,19 @@ def test_prepare_reads_image_paths_only_under_the_input(tmp_path):
     ], schema)
     job = CaptionJob(input=str(tmp_path / "in"), output=str(tmp_path / "out"), id_column="key",
                      image_path_column="file")
-    found = check(job)
-    prepared = prepare(pq.read_table(tmp_path / "in" / "rows.parquet"), job=job, found=found, done=NO_IDS)
-    errors = errors_by_id(prepared)
+    errors = errors_by_id(prepared(job))
     assert errors["relative"] is None and errors["absolute"] is None
     assert "outside the allowed locations" in errors["escape"] and "outside the allowed" in errors["url"]
     assert "missing image" in errors["missing"]
     allowed = replace(job, allow_images_from=(str(tmp_path),))
-    assert errors_by_id(prepare(pq.read_table(tmp_path / "in" / "rows.parquet"), job=allowed, found=found,
-                                done=NO_IDS))["escape"] is None
+    assert errors_by_id(prepared(allowed))["escape"] is None
 
 
-def test_prepare_skips_finished_ids(shards, tmp_path):
+def test_the_reader_skips_finished_ids(shards, tmp_path):
     job = CaptionJob(input=shards, output=str(tmp_path / "out"))
-    found = check(job)
-    table = pq.read_table(found.files[0])
-    ids = table.column("id").to_pylist()
-    prepared = prepare(table, job=job, found=found, done=pa.array(ids[:2]))
-    assert prepared.column("id").to_pylist() == ids[2:]
+    ids = [f"test-0-{i:06d}" for i in range(6)]
+    assert prepared(job).column("id").to_pylist() == ids
+    assert prepared(job, done=(ids[0], ids[4])).column("id").to_pylist() == ids[1:4] + ids[5:]
 
 
 def test_input_sample_is_the_first_rows_prepare_passes_as_engine_requests(tmp_path):
@@ -201,20 +199,24 @@ def test_input_sample_of_an_image_folder(tmp_path):
     assert [r["id"] for r in input_sample(job, check(job), 2)] == ["1.png", "2.png"]
 
 
-def test_finished_ids_drops_files_cut_short(tmp_path):
-    write_rows(tmp_path / "a.parquet", good_rows(3))
-    data = (tmp_path / "a.parquet").read_bytes()
-    (tmp_path / "b.parquet").write_bytes(data[: len(data) // 2])
+def test_finished_ids_drops_the_jobs_files_cut_short(tmp_path):
+    write_output_file(tmp_path / OURS.format(0), ["row-000", "row-001", "row-002"])
+    data = (tmp_path / OURS.format(0)).read_bytes()
+    (tmp_path / OURS.format(1)).write_bytes(data[: len(data) // 2])
     ids = finished_ids(fsspec.filesystem("file"), str(tmp_path))
     assert sorted(ids.to_pylist()) == ["row-000", "row-001", "row-002"]
-    assert sorted(os.listdir(tmp_path)) == ["a.parquet"]
+    assert sorted(os.listdir(tmp_path)) == [OURS.format(0)]
 
 
-def test_the_engine_runs_the_method_with_its_options(shards, tiny_model, tmp_path):
-    job = CaptionJob(input=shards, output=str(tmp_path / "out"), model=tiny_model, max_tokens=4,
-                     cache_options=(("protect", 16), ("merge", False)))
+@pytest.mark.parametrize("options", [
+    (("protect", 16), ("merge", False)),
+    (("importance", "instruction"), ("protect_text", True), ("assign", "key")),  # as --cache-option KEY=VALUE reads them
+])
+def test_the_engine_runs_the_method_with_its_options(shards, tiny_model, tmp_path, options):
+    job = CaptionJob(input=shards, output=str(tmp_path / "out"), model=tiny_model, method="elastic", budget=0.5,
+                     max_tokens=4, cache_options=options)
     check(job)
-    assert Captions(job).llm.engine.policy == CacheConfig("elastic", 0.5, protect=16, merge=False).policy
+    assert Captions(job).llm.engine.policy == CacheConfig("elastic", 0.5, **dict(options)).policy
 
 
 def test_captions_flag_prompts_the_engine_refuses(tiny_model, tmp_path):
@@ -222,8 +224,7 @@ def test_captions_flag_prompts_the_engine_refuses(tiny_model, tmp_path):
     write_rows(tmp_path / "in.parquet", [row for row, _ in expected])
     job = CaptionJob(input=str(tmp_path / "in.parquet"), output=str(tmp_path / "out"), model=tiny_model,
                      max_tokens=4, max_pixels=MAX_PIXELS, batch_size=4)
-    prepared = prepare(pq.read_table(tmp_path / "in.parquet"), job=job, found=check(job), done=NO_IDS)
-    table, numbers = Captions(job)(prepared)
+    table, numbers = Captions(job)(prepared(job))
     assert table.schema.names == ["id", "caption", "error", "model", "method", "budget", "prompt_tokens",
                                   "output_tokens", "kv_bytes", "latency_ms"]
     check_errors(table, expected)
@@ -238,18 +239,29 @@ S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "A
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    """tests/two_node_cluster.py in its own process; yields its address, raylet pids and client env."""
+def cluster_service(tmp_path_factory):
+    """tests/two_node_cluster.py in its own process; yields it with its address, raylet pids and client env."""
     env = {**os.environ, **ray_env(), **S3_ENV}
-    proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("two_node_cluster.py"))], env=env,
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    info = json.loads(proc.stdout.readline())
-    yield {**info, "env": env}
-    proc.stdin.close()
+    log = tmp_path_factory.mktemp("cluster") / "cluster.log"
+    service = Service("the two-node Ray cluster",
+                      [sys.executable, str(Path(__file__).with_name("two_node_cluster.py"))], log, env=env,
+                      stdin=subprocess.PIPE, text=True)
     try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+        line = service.wait_for(lambda: next((l for l in log.read_text().splitlines() if l.startswith('{"address"')),
+                                             None), 180, "its address")
+        info = json.loads(line)
+        service.pids = info["raylets"]
+        yield {**info, "env": env, "service": service}
+    finally:
+        service.proc.stdin.close()  # its signal to shut the cluster down
+        service.stop(sig=None, grace=60)
+
+
+@pytest.fixture
+def cluster(cluster_service):
+    """The module's cluster, checked before each test: a test after it died fails at once, with its log."""
+    cluster_service["service"].check()
+    return cluster_service
 
 
 def caption_command(cluster, *args) -> list[str]:
@@ -258,28 +270,30 @@ def caption_command(cluster, *args) -> list[str]:
 
 
 def caption(cluster, *args) -> subprocess.CompletedProcess:
-    result = subprocess.run(caption_command(cluster, *args), cwd=REPO, env=cluster["env"], capture_output=True,
-                            text=True, timeout=300)
+    result = cluster["service"].run(caption_command(cluster, *args), timeout=300, cwd=REPO, env=cluster["env"])
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     return result
 
 
+@pytest.mark.slow
 def test_run_on_two_nodes_flags_bad_rows_and_writes_each_id_once(cluster, tiny_model, tmp_path):
     expected = bad_rows()
-    write_rows(tmp_path / "in" / "bad.parquet", [row for row, _ in expected])
+    no_id = {"id": None, "image": png(7), "instruction": None}
+    write_rows(tmp_path / "in" / "bad.parquet", [row for row, _ in expected] + [no_id])
+    expected.append(({**no_id, "id": f"bad.parquet#{len(expected)}"}, None))
     write_rows(tmp_path / "in" / "good.parquet", good_rows(13))
     out = tmp_path / "out"
     result = caption(cluster, "--input", tmp_path / "in", "--output", out, "--model", tiny_model, "--max-tokens", 4,
                      "--num-actors", 2, "--batch-size", 3, "--max-pixels", MAX_PIXELS, "--rows-per-file", 5)
-    assert "captioned 25 rows (10 errors)" in result.stdout
+    assert "captioned 25 rows (9 errors)" in result.stdout
     table = read_output(str(out))
     assert table.num_rows == 25
-    assert sorted(map(str, table.column("id").to_pylist())) == sorted(
-        [str(r["id"]) for r, _ in expected] + [f"row-{i:03d}" for i in range(13)])
+    assert sorted(table.column("id").to_pylist()) == sorted(
+        [r["id"] for r, _ in expected] + [f"row-{i:03d}" for i in range(13)])
     check_errors(table, expected)
-    assert set(table.column("method").to_pylist()) == {"elastic"} and set(table.column("budget").to_pylist()) == {0.5}
+    assert set(table.column("method").to_pylist()) == {"elastic-vl"} and set(table.column("budget").to_pylist()) == {0.6}
     metrics = json.loads((tmp_path / "out.metrics.json").read_text())
-    assert (metrics["rows"], metrics["errors"], metrics["rows_in"], metrics["rows_out"]) == (25, 10, 25, 25)
+    assert (metrics["rows"], metrics["errors"], metrics["rows_in"], metrics["rows_out"]) == (25, 9, 25, 25)
     assert metrics["output_tokens"] == sum(v for v in table.column("output_tokens").to_pylist() if v)
     assert metrics["rows_per_s"] > 0 and 0 < metrics["kv_bytes_per_seq"] < metrics["kv_bytes_full_per_seq"]
     assert metrics["num_actors"] == 2 and metrics["nodes"] == 2
@@ -301,6 +315,7 @@ def _captioner_pids(raylets: list[int]) -> list[int]:
     return pids
 
 
+@pytest.mark.slow
 def test_a_killed_actor_is_replaced_and_every_row_still_arrives(cluster, tiny_model, tmp_path):
     (tmp_path / "in").mkdir()
     for i in range(60):
@@ -313,12 +328,13 @@ def test_a_killed_actor_is_replaced_and_every_row_still_arrives(cluster, tiny_mo
         cwd=REPO, env=cluster["env"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 180
     while not list(out.glob("*.parquet")) and job.poll() is None and time.time() < deadline:
+        cluster["service"].check()
         time.sleep(0.05)
     victims = _captioner_pids(cluster["raylets"])
     assert len(victims) == 2 and job.poll() is None, "the run ended before an actor could be killed"
     os.kill(victims[0], signal.SIGKILL)  # both actors are working: the pool starts once all are up
-    stdout, stderr = job.communicate(timeout=300)
-    assert job.returncode == 0, stderr[-4000:]
+    finished = cluster["service"].communicate(job, timeout=300)
+    assert finished.returncode == 0, finished.stderr[-4000:]
     table = read_output(str(out))
     assert sorted(table.column("id").to_pylist()) == sorted([f"{i:02d}.png" for i in range(60)] + ["broken.png"])
     assert errors_by_id(table)["broken.png"].startswith("undecodable")
@@ -329,25 +345,29 @@ def test_a_killed_actor_is_replaced_and_every_row_still_arrives(cluster, tiny_mo
 
 
 @pytest.fixture(scope="module")
-def s3_server():
+def s3_server(tmp_path_factory):
     """A moto S3 server on 127.0.0.1 in its own process; yields the endpoint URL."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **S3_ENV})
-    deadline = time.time() + 30
-    while time.time() < deadline:
+    server = Service("the moto S3 server", [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                     tmp_path_factory.mktemp("s3") / "moto.log", env={**os.environ, **S3_ENV})
+
+    def listening() -> bool:
         try:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
+            return True
         except OSError:
-            time.sleep(0.2)
-    yield f"http://127.0.0.1:{port}"
-    server.terminate()
-    server.wait(timeout=10)
+            return False
+
+    try:
+        server.wait_for(listening, 60, "a listening port")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop(grace=10)
 
 
+@pytest.mark.slow
 def test_s3_input_image_paths_and_output_through_a_local_server(cluster, tiny_model, s3_server, monkeypatch):
     for key, value in S3_ENV.items():
         monkeypatch.setenv(key, value)
@@ -375,12 +395,35 @@ def test_s3_input_image_paths_and_output_through_a_local_server(cluster, tiny_mo
     assert errors_by_id(read_output("s3://captions/out", endpoint_url=s3_server))["5"] is None
 
 
+@pytest.mark.slow
+def test_webdataset_shards_on_s3_with_duplicate_keys_kept_apart(cluster, tiny_model, s3_server, monkeypatch, tmp_path):
+    for key, value in S3_ENV.items():
+        monkeypatch.setenv(key, value)
+    expected = webdataset_shards(tmp_path / "shards")
+    write_tar(tmp_path / "shards" / "00004.tar", [("000000001.png", png(20)), ("000000001.json", b"{}")])
+    expected["000000001#00004.tar#0"] = None  # a key already in 00000.tar
+    s3 = s3fs.S3FileSystem(endpoint_url=s3_server)
+    s3.mkdir("tars")
+    for shard in (tmp_path / "shards").iterdir():
+        s3.pipe(f"tars/in/{shard.name}", shard.read_bytes())
+    args = ["--input", "s3://tars/in", "--output", "s3://tars/out", "--model", tiny_model, "--max-tokens", 4,
+            "--endpoint-url", s3_server, "--batch-size", 4, "--allow-duplicate-ids"]
+    result = caption(cluster, *args)
+    errors = errors_by_id(read_output("s3://tars/out", endpoint_url=s3_server))
+    assert sorted(errors) == sorted(expected)
+    for key, pattern in expected.items():
+        assert (errors[key] is None) if pattern is None else re.search(pattern, errors[key] or ""), (key, errors[key])
+    bad = sum(p is not None for p in expected.values())
+    assert f"captioned {len(expected)} rows ({bad} errors)" in result.stdout
+
+
 def _parquet_bytes(rows: list[dict], schema: pa.Schema) -> bytes:
     sink = pa.BufferOutputStream()
     pq.write_table(pa.Table.from_pylist(rows, schema=schema), sink)
     return sink.getvalue().to_pybytes()
 
 
+@pytest.mark.slow
 def test_budget_auto_calibrates_on_the_input_and_captions_at_its_choice(cluster, tmp_path):
     write_shards(tmp_path / "in", 12, rows_per_shard=6)
     out, target, rows, max_tokens = tmp_path / "out", 0.8, 8, 24

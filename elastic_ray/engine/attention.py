@@ -85,7 +85,9 @@ def prefill_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tens
     order = batch.order[:, None, :].expand(-1, heads, -1)
     packed_keys, packed_values = _gather(key, order), _gather(value, order)
     packed_scores = None if scores is None else scores.gather(-1, batch.order if scores.dim() == 2 else order)
-    kept = apply_selection(packed_keys, packed_values, policy.select_prompt(packed_scores, batch.lengths))
+    selection = policy.select_prompt(packed_scores, batch.lengths, image=batch.image.gather(1, batch.order),
+                                     keys=packed_keys if policy.prompt_keys else None)
+    kept = apply_selection(packed_keys, packed_values, selection)
     kept_scores = None
     if policy.decode_scores:  # carried along for methods that keep accumulating: [B, Hkv, C]
         kept_scores = packed_scores.gather(2, kept.positions.clamp(min=0)).masked_fill(kept.positions < 0, 0.0)

@@ -25,21 +25,31 @@ class Refused(ValueError):
         self.field = field
 
 
-class RequestFailed(RuntimeError):
-    """The engine could not finish this request, and this request alone (its prefill or its text
-    failed); `output` is its RequestOutput, finish_reason "error", with the reason."""
-
-    def __init__(self, output: RequestOutput):
-        super().__init__(f"the request failed: {output.error}")
-        self.output = output
-
-
 class LoopStopped(RuntimeError):
     """The loop is closed, or stopped after a failure; nothing more runs."""
 
 
 class EngineFailed(RuntimeError):
     """A step failed in a way that leaves the engine's state unknown; the loop stopped."""
+
+
+class RequestFailed(RuntimeError):
+    """One submission's work failed, and it alone; the loop goes on. Either it could not start (an
+    unexpected error, not a refusal), or the engine finished it with finish_reason "error" (its
+    prefill failed): then `output` is that RequestOutput, with the reason."""
+
+    def __init__(self, message: str, output: RequestOutput | None = None):
+        super().__init__(message)
+        self.output = output
+
+
+def start_failure(error: Exception, field: str, context: str = "") -> Exception:
+    """What a submission gets when its engine cannot be made or its request not added: a
+    ValueError refuses the work (`field` as in Refused), anything else fails that work alone."""
+    if isinstance(error, ValueError):
+        return Refused(f"{context}{error}", field)
+    logger.error("starting a request failed", exc_info=error)
+    return RequestFailed(f"the request could not start: {type(error).__name__}: {error}")
 
 
 @dataclass(frozen=True)
@@ -69,8 +79,13 @@ class EngineLoop:
     policy, made on first use; with `max_engines` engines already, the least recently used idle
     one is dropped first, and work waits while every engine is busy. Then it steps each engine
     with unfinished requests once and delivers the outputs; a request the engine failed alone
-    gets `RequestFailed`. An exception from a step is a bug or a device fault: every pending
-    submission gets `EngineFailed`, the loop stops and `error` stays set.
+    (finish_reason "error") gets `RequestFailed`.
+
+    A failure to make an engine or to add a request reaches that submission alone (`Refused`
+    or `RequestFailed`): `Engine.add_request` queues the request as its last act, so a request
+    that raised left no trace. An exception from a step is a bug or a device fault that leaves
+    the engine's state unknown: every pending submission gets `EngineFailed`, the loop stops and
+    `error` stays set.
     """
 
     def __init__(self, make_engine: Callable[[CacheConfig], Engine], max_engines: int, first: CacheConfig):
@@ -142,7 +157,7 @@ class EngineLoop:
                     key = (cache, output.request_id)
                     submission = self._running.pop(key) if output.finished else self._running[key]
                     if output.finish_reason == "error":
-                        submission.deliver(RequestFailed(output))
+                        submission.deliver(RequestFailed(f"the request failed: {output.error}", output))
                     elif output.finished or submission.stream:
                         submission.deliver(output)
         return True
@@ -171,13 +186,13 @@ class EngineLoop:
                 continue
             try:
                 engine = self._engine(work.cache)
-            except ValueError as e:
-                submission.deliver(Refused(f"cannot run {work.cache}: {e}", "cache"))
+            except Exception as e:
+                submission.deliver(start_failure(e, "cache", f"cannot run {work.cache}: "))
                 continue
             try:
                 request_id = engine.add_request(work.request, work.sampling)
-            except ValueError as e:
-                submission.deliver(Refused(str(e), "request"))
+            except Exception as e:
+                submission.deliver(start_failure(e, "request"))
                 continue
             self._running[work.cache, request_id] = submission
 

@@ -82,7 +82,7 @@ class ModelRunner:
         real = inputs.pop("attention_mask").bool()
         lengths = [s.prompt_tokens for s in seqs]
         batch = PrefillBatch(
-            self.slots, self.policy, first, real, inputs["input_ids"] == self.family.image_token_id,
+            self.slots, self.policy, first, real, self.family.image_mask(inputs["input_ids"]),
             torch.tensor(lengths, device=self.device), pack_order(real), prompt_mask(real),
             padded=min(lengths) < max(lengths),
         )

@@ -175,11 +175,15 @@ class CompressedCache(Cache):
 
     `seen` [B] counts real tokens (prompt without pads, plus tokens fed since); `truncation`
     [B] is each row's fixed eviction index; `evicting` [B] flags rows over budget this step.
+    `image` [B, S]: the prompt's image tokens (`Family.image_mask(input_ids)`), columns as the
+    prompt's; the caller sets it, since the hooks only see embeddings. Methods whose options read
+    it refuse to compress without it.
     """
 
-    def __init__(self, policy: CachePolicy, num_layers: int):
+    def __init__(self, policy: CachePolicy, num_layers: int, image: Tensor | None = None):
         super().__init__(layers=[CompressedLayer() for _ in range(num_layers)])
         self.policy = policy
+        self.image = image
         self.seen: Tensor | None = None
         self.truncation: Tensor | None = None
         self.evicting: Tensor | None = None

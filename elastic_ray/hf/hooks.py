@@ -43,11 +43,15 @@ def _attention_post_hook(cache_layers: int):
         layer = cache.layers[module.layer_idx]
         policy = cache.policy
         if not layer.compressed:
-            queries = _queries(module, kwargs)
-            scores = policy.prompt_importance(queries, layer.keys, module.scaling, cache.real, None)
-            packed = None if scores is None else _pack(scores, cache.order)
-            per_head = packed if policy.prompt_scores == "kv" else None
-            layer.compress_prompt(policy.select_prompt(packed, cache.seen), cache.order, per_head)
+            scores = None
+            if policy.prompt_scores is not None:
+                raw = policy.prompt_importance(_queries(module, kwargs), layer.keys, module.scaling, cache.real, cache.image)
+                scores = _pack(raw, cache.order)
+            selection = policy.select_prompt(
+                scores, cache.seen, image=None if cache.image is None else _pack(cache.image, cache.order),
+                keys=_pack(layer.keys, cache.order) if policy.prompt_keys else None,
+            )
+            layer.compress_prompt(selection, cache.order, scores if policy.prompt_scores == "kv" else None)
             if module.layer_idx == cache_layers - 1:
                 cache.end_prompt()
             return None
@@ -71,11 +75,13 @@ def _queries(module: nn.Module, kwargs: dict) -> torch.Tensor:
     return attention_queries(module, kwargs["hidden_states"], kwargs["position_embeddings"])
 
 
-def _pack(scores: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
-    """Move each row's real columns to the front ([B, S] or [B, H, S], with `order` [B, S])."""
-    if scores.dim() == 3:
-        order = order[:, None, :].expand_as(scores)
-    return scores.gather(-1, order)
+def _pack(tensor: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """Move each row's real columns to the front: dim 1 of [B, S], dim 2 of [B, H, S] or [B, H, S, D];
+    `order` [B, S] (`pack_order`)."""
+    if tensor.dim() == 2:
+        return tensor.gather(1, order)
+    index = order[:, None, :, None] if tensor.dim() == 4 else order[:, None, :]
+    return tensor.gather(2, index.expand(*tensor.shape[:2], order.shape[1], *tensor.shape[3:]))
 
 
 def install_hooks(family: Family) -> None:

@@ -8,9 +8,11 @@ from torch import Tensor
 
 from elastic_ray.kv.budget import EPS, peak_entries, prompt_kept
 from elastic_ray.kv.entries import Selection, real_mask
-from elastic_ray.kv.importance import attention_column_sums, reduce_heads
+from elastic_ray.kv.importance import prompt_importance
 
-MAX_INT_OPTION = 2**31 - 1
+# The largest integer option (a count of entries): far beyond any prompt or output a slot holds,
+# and small enough that no index arithmetic on it can overflow int64.
+MAX_INT_OPTION = 2**20
 
 
 @dataclass(frozen=True)
@@ -18,13 +20,16 @@ class CachePolicy:
     """A KV-cache method: what to keep after the prompt, what to evict after each token.
 
     Every method shares the budget rule of spec §10; subclasses choose *which* entries.
-    Tensors follow one layout: row b's entries packed in [0, lengths[b]).
+    Tensors follow one layout: row b's entries packed in [0, lengths[b]). Options are dataclass
+    fields; an int option is bounded by `[metadata["min"] (default 0), MAX_INT_OPTION]`, a str
+    option by `metadata["choices"]`.
     """
 
     budget: float = 1.0
 
     name: ClassVar[str]
     prompt_scores: ClassVar[str | None] = None  # None, "mean" (over query heads) or "kv" (per KV head)
+    prompt_keys: ClassVar[bool] = False  # True: `select_prompt` reads the prompt's keys
     decode_scores: ClassVar[bool] = False  # True: accumulate each new query's attention
     positions_modes: ClassVar[tuple[str, ...]] = ("original",)
 
@@ -34,8 +39,11 @@ class CachePolicy:
             kind = {"float": (int, float), "int": (int,), "bool": (bool,), "str": (str,)}[option.type.__name__]
             if not isinstance(value, kind) or (isinstance(value, bool) and option.type is not bool):
                 raise ValueError(f"{self.name} option {option.name} must be {option.type.__name__}, got {value!r}")
-            if option.type is int and abs(value) > MAX_INT_OPTION:  # counts of entries: positions are int32
-                raise ValueError(f"{self.name} option {option.name} must be within +-{MAX_INT_OPTION}, got {value!r}")
+            low, choices = option.metadata.get("min", 0), option.metadata.get("choices")
+            if option.type is int and not low <= value <= MAX_INT_OPTION:
+                raise ValueError(f"{self.name} option {option.name} must be in [{low}, {MAX_INT_OPTION}], got {value!r}")
+            if choices is not None and value not in choices:
+                raise ValueError(f"{self.name} option {option.name} must be one of {choices}, got {value!r}")
         if not 0.0 < self.budget <= 1.0:
             raise ValueError(f"budget must be in (0, 1], got {self.budget!r}")
 
@@ -73,19 +81,17 @@ class CachePolicy:
         """[B] per-row fixed eviction index, for methods that evict at a fixed point."""
         return torch.full_like(kept, -1)
 
-    def select_prompt(self, scores: Tensor | None, lengths: Tensor) -> Selection:
-        """Choose the prompt entries to keep; scores are [B, T] ("mean") or [B, H, T] ("kv")."""
-        raise NotImplementedError
-
     def prompt_importance(self, queries: Tensor, keys: Tensor, scaling: float, real: Tensor,
-                          image: Tensor | None) -> Tensor | None:
-        """What `select_prompt` ranks the prompt by: the attention each key received, from the
-        layer's own rotated queries [B, Hq, S, D] over its keys [B, Hkv, S, D] (rows left-padded;
-        real and image [B, S] bool). [B, S] ("mean"), [B, Hkv, S] ("kv") or None."""
-        if self.prompt_scores is None:
-            return None
-        sums = attention_column_sums(queries, keys, scaling, real, real, 0)
-        return reduce_heads(sums, self.prompt_scores, keys.shape[1])
+                          image: Tensor | None) -> Tensor:
+        """The scores `select_prompt` reads, from one layer's prompt pass (columns as the prompt's):
+        the column sums of attention over every real query, reduced as `prompt_scores` says."""
+        return prompt_importance(queries, keys, scaling, real, image, "sum", self.prompt_scores)
+
+    def select_prompt(self, scores: Tensor | None, lengths: Tensor, *, image: Tensor | None = None,
+                      keys: Tensor | None = None) -> Selection:
+        """Choose the prompt entries to keep, all inputs in packed order: scores [B, T] ("mean") or
+        [B, H, T] ("kv"), image [B, T] bool (the image tokens), keys [B, H, T, D] (if `prompt_keys`)."""
+        raise NotImplementedError
 
     def victims(self, positions: Tensor, lengths: Tensor, truncation: Tensor, seen: Tensor,
                 scores: Tensor | None) -> Tensor:
@@ -100,6 +106,7 @@ class CachePolicy:
         columns = torch.arange(positions.shape[-1], device=positions.device)
         region = (columns >= start[:, None]) & (columns < lengths[:, None])
         return positions.masked_fill(~region[:, None, :], torch.iinfo(positions.dtype).max).argmin(-1)
+
 
 def keep_first_and_last(lengths: Tensor, width: int, first: int, last: Tensor) -> Tensor:
     """[B, 1, width] bool: the first `first` and the last `last[b]` real entries of each row."""

@@ -19,7 +19,11 @@ class Family:
     attentions: list[nn.Module]  # one self-attention module per decoder layer
     kv_heads: int
     head_dim: int
-    image_token_id: int  # the id of the placeholder tokens the image's features replace
+    image_token_id: int
+
+    def image_mask(self, input_ids: Tensor) -> Tensor:
+        """[B, S] bool: the prompt's image tokens."""
+        return input_ids == self.image_token_id
 
     def entry_bytes(self, element_size: int) -> int:
         """Bytes one cache entry takes across all layers (keys and values)."""
@@ -40,7 +44,7 @@ def family_of(model: nn.Module) -> Family:
     attentions = [layer.self_attn for layer in decoder.layers]
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     image_token_id = getattr(model.config, "image_token_id", None)
-    if image_token_id is None:
+    if image_token_id is None:  # older LLaVA configs name it image_token_index
         image_token_id = model.config.image_token_index
     return Family(model_type, decoder, attentions, text.num_key_value_heads, head_dim, image_token_id)
 

@@ -12,11 +12,12 @@ from pyarrow.fs import FSSpecHandler, PyFileSystem
 from ray.data import ActorPoolStrategy, DataContext
 
 from elastic_ray.pipeline.actor import ActorStats, Captioner
-from elastic_ray.pipeline.inputs import SAMPLE_SCAN_FACTOR, Input, input_sample, inspect_input
+from elastic_ray.pipeline.inputs import Input, inspect_input
 from elastic_ray.pipeline.job import CaptionJob, JobConfigError, check_settings
 from elastic_ray.pipeline.metrics import run_metrics
-from elastic_ray.pipeline.output import check_output, finished_ids, parquet_files, read_files
+from elastic_ray.pipeline.output import CaptionFiles, check_output, finished_ids, our_files, read_files
 from elastic_ray.pipeline.prepare import prepare
+from elastic_ray.pipeline.reader import SAMPLE_SCAN_FACTOR, input_sample, read_input
 
 ACTOR_START_TIMEOUT_S = 600
 
@@ -86,7 +87,7 @@ def _calibrate(job: CaptionJob, found: Input, calibrate) -> dict:
 def _execute(job: CaptionJob, found: Input, calibration: dict | None = None) -> dict:
     out_fs, out_root = job.filesystem(job.output)
     done = finished_ids(out_fs, out_root) if job.resume else pa.array([], pa.string())
-    before = set(parquet_files(out_fs, out_root))
+    before = set(our_files(out_fs, out_root))
     stats = ActorStats.remote()
     try:
         start = time.perf_counter()
@@ -95,9 +96,10 @@ def _execute(job: CaptionJob, found: Input, calibration: dict | None = None) -> 
         actors = ray.get(stats.snapshot.remote())
     finally:
         ray.kill(stats)
-    new = [f for f in parquet_files(out_fs, out_root) if f not in before]
-    written = read_files(out_fs, new, ["error", "prompt_tokens", "output_tokens", "kv_bytes", "latency_ms"])
-    ids = read_files(out_fs, parquet_files(out_fs, out_root), ["id"]).column("id")
+    ours = our_files(out_fs, out_root)
+    written = read_files(out_fs, [f for f in ours if f not in before],
+                         ["error", "prompt_tokens", "output_tokens", "kv_bytes", "latency_ms"])
+    ids = read_files(out_fs, ours, ["id"]).column("id")
     metrics = run_metrics(job, found, written, ids, len(done), wall, actors)
     if calibration is not None:
         metrics["budget_calibration"] = calibration
@@ -111,24 +113,18 @@ def _execute(job: CaptionJob, found: Input, calibration: dict | None = None) -> 
 
 def _write_captions(job: CaptionJob, found: Input, done: pa.Array, stats) -> None:
     """The Ray Data pipeline: read -> prepare -> caption -> write_parquet."""
-    in_fs, _ = job.filesystem(job.input)
     out_fs, out_root = job.filesystem(job.output)
     context = DataContext.get_current()
     context.enable_progress_bars = job.progress
     # Start only once the whole pool is up: work spreads over every actor, and a pool the cluster
     # cannot place fails with a timeout instead of waiting silently.
     context.wait_for_min_actors_s = ACTOR_START_TIMEOUT_S
-    source = PyFileSystem(FSSpecHandler(in_fs))
-    if found.format == "parquet":
-        ds = ray.data.read_parquet(found.files, filesystem=source).select_columns(found.columns)
-    else:
-        ds = ray.data.read_binary_files(found.files, include_paths=True, filesystem=source)
-    # Whole read blocks: the set of finished ids is hashed once per block, not once per batch.
-    ds = ds.map_batches(prepare, batch_size=None, batch_format="pyarrow",
-                        fn_kwargs={"job": job, "found": found, "done": done})
+    ds = read_input(job, found, done)
+    ds = ds.map_batches(prepare, batch_size=None, batch_format="pyarrow", fn_kwargs={"job": job, "found": found})
     # Blocks of one batch each, so every actor gets work however few and large the input files are.
     ds = ds.repartition(target_num_rows_per_block=job.batch_size)
     ds = ds.map_batches(Captioner, compute=ActorPoolStrategy(size=job.num_actors), batch_size=job.batch_size,
                         batch_format="pyarrow", num_cpus=job.cpus_per_actor, num_gpus=job.gpus_per_actor or None,
                         fn_constructor_kwargs={"job": job, "stats": stats}, udf_modifying_row_count=False)
-    ds.write_parquet(out_root, filesystem=PyFileSystem(FSSpecHandler(out_fs)), min_rows_per_file=job.rows_per_file)
+    ds.write_parquet(out_root, filesystem=PyFileSystem(FSSpecHandler(out_fs)), min_rows_per_file=job.rows_per_file,
+                     filename_provider=CaptionFiles())
