@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from elastic_ray.engine.slots import KVSlots
-from elastic_ray.kv import ElasticCache, H2OCache, StreamingCache
+from elastic_ray.kv import ElasticCache, ElasticVLCache, H2OCache, StreamingCache
 from elastic_ray.kv.budget import over_budget
 from elastic_ray.kv.entries import apply_selection
 
@@ -16,6 +16,7 @@ POLICIES = [
     ElasticCache(budget=0.5, offset=3),
     ElasticCache(budget=0.3, offset=25),
     ElasticCache(budget=0.2, sink=2, protect=3, offset=2),
+    ElasticVLCache(budget=0.5),  # evicts from the sink on
     StreamingCache(budget=0.4),
     H2OCache(budget=0.5),
     H2OCache(budget=0.3, recent_ratio=0.2),

@@ -107,7 +107,8 @@ class Engine:
     def add_request(self, request: dict | PreparedRequest, sampling: SamplingParams | None = None, request_id=None,
                     forced_tokens: list[int] | None = None) -> int | str:
         """Queue `{"image": PIL.Image, "prompt": str}` or a `PreparedRequest` (see `prepare`);
-        raises ValueError for a request it cannot run.
+        raises ValueError for a request it cannot run, and whatever else the processor raises on it
+        (the request is queued as the last act, so one that raised left no trace).
 
         With `forced_tokens` the request is teacher-forced: those tokens are fed instead of
         sampled ones, whatever EOS says, and `stats["logprobs"]` holds each one's log-probability.
@@ -120,13 +121,8 @@ class Engine:
         request_id = next(self._ids) if request_id is None else request_id
         if sampling.max_tokens > self.config.max_tokens:
             raise ValueError(f"max_tokens {sampling.max_tokens} exceeds the engine's limit of {self.config.max_tokens}")
-        try:
-            prepared = self.prepare(request)
-            generator = None if sampling.seed is None else torch.Generator(self.runner.device).manual_seed(sampling.seed)
-        except ValueError:
-            raise
-        except Exception as error:  # whatever breaks while preparing one request fails that request alone
-            raise ValueError(f"the request could not be prepared: {type(error).__name__}: {error}") from error
+        prepared = self.prepare(request)
+        generator = None if sampling.seed is None else torch.Generator(self.runner.device).manual_seed(sampling.seed)
         seq = Sequence(request_id, prepared.inputs, prepared.prompt_tokens, sampling, generator=generator,
                        forced=None if forced_tokens is None else list(forced_tokens))
         seq.text = IncrementalText(self.tokenizer)
@@ -247,9 +243,10 @@ class Engine:
         for index, request in enumerate(requests):
             try:
                 ids.append(self.add_request(request, sampling))
-            except ValueError as error:
+            except Exception as error:  # a request that cannot start fails alone
                 ids.append(None)
-                refused[index] = RequestOutput(index, None, [], "error", error=f"request {index}: {error}")
+                reason = str(error) if isinstance(error, ValueError) else f"{type(error).__name__}: {error}"
+                refused[index] = RequestOutput(index, None, [], "error", error=f"request {index}: {reason}")
         done = {}
         while self.has_unfinished():
             done.update((o.request_id, o) for o in self.step() if o.finished)
