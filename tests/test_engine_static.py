@@ -83,9 +83,9 @@ def counting_syncs(engine: Engine):
         torch.tensor, engine.runner.forward = original_tensor, original_forward
 
 
-def busy_engine(model, method, budget, options, images, n=4, max_tokens=24):
-    """An engine whose slots hold n requests of different lengths and sampling settings, prefilled."""
-    engine = Engine(*model, CacheConfig(method, budget, **options).policy, EngineConfig(max_num_seqs=n))
+def busy_engine(model, method, budget, options, images, n=4, max_tokens=24, slots=None):
+    """An engine (n slots unless said) holding n requests of different lengths and sampling settings, prefilled."""
+    engine = Engine(*model, CacheConfig(method, budget, **options).policy, EngineConfig(max_num_seqs=slots or n))
     for i in range(n):
         sampling = SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=0.7 * (i % 2), top_p=0.9,
                                   seed=i if i == 1 else None)
@@ -112,7 +112,7 @@ def test_a_decode_step_syncs_nothing_inside_the_forward_and_reads_back_only_the_
 
 
 def test_teacher_forcing_reads_back_tokens_and_log_probabilities_in_one_transfer(tiny_llava, images):
-    engine = busy_engine(tiny_llava, "elastic", 0.5, {}, images, n=2)
+    engine = busy_engine(tiny_llava, "elastic", 0.5, {}, images, n=2, slots=3)
     engine.add_request({"image": images[0], "prompt": "what"}, forced_tokens=[5, 6, 7, 8, 9, 10])
     while len(engine.scheduler.running) < 3:
         engine.step()

@@ -7,16 +7,17 @@ import pytest
 import torch
 
 from elastic_ray.engine.slots import KVSlots
-from elastic_ray.kv import ElasticCache, ElasticVLCache, H2OCache, StreamingCache
+from elastic_ray.kv import ElasticCache, H2OCache, StreamingCache
 from elastic_ray.kv.budget import over_budget
 from elastic_ray.kv.entries import apply_selection
+from elastic_ray.kv.policy import MAX_INT_OPTION
 
 HEADS, STEPS = 2, 40
 POLICIES = [
     ElasticCache(budget=0.5, offset=3),
     ElasticCache(budget=0.3, offset=25),
     ElasticCache(budget=0.2, sink=2, protect=3, offset=2),
-    ElasticVLCache(budget=0.5),  # evicts from the sink on
+    ElasticCache(budget=0.5, offset=MAX_INT_OPTION),  # elastic-vl's decode: evicts from the sink on
     StreamingCache(budget=0.4),
     H2OCache(budget=0.5),
     H2OCache(budget=0.3, recent_ratio=0.2),
