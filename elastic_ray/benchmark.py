@@ -324,7 +324,7 @@ def _summary(arm: Arm, budget: int, runs: dict, warmup_s: float | None, num_requ
         return statistics.median(values) if values else None
 
     def ratio(base_key: str, key: str) -> float | None:
-        base = next((runs[a, budget] for a in runs if a[1] == budget and a[0].key == base_key), None)
+        base = next((rows for (other, b), rows in runs.items() if b == budget and other.key == base_key), None)
         if base is None:
             return None
         return statistics.median((r["generated_tokens"] / r[key]) / (b["generated_tokens"] / b[key])
