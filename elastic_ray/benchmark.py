@@ -60,7 +60,8 @@ SHAPES = {
     "quick": dict(hidden=768, intermediate=2048, layers=8, heads=12, vocab_size=32064,
                   vision_hidden=256, vision_layers=4, vision_heads=4),
     # bandwidth-bound on a CPU: 1024 image tokens and a small MLP, so one slot of KV (9 MB in float32)
-    # outweighs all the decoder's weights (5 MB) and a step's time goes to reading the cache
+    # outweighs a decode step's whole weight read (8.4 MB, head included), so with a few slots a
+    # step's time goes to reading the cache
     "bandwidth": dict(image_size=448, hidden=256, intermediate=256, layers=4, heads=4, vocab_size=1024,
                       vision_hidden=64, vision_layers=1, vision_heads=2),
 }
