@@ -62,6 +62,7 @@ def head():
             pass
 
 
+@pytest.mark.slow
 def test_ray_job_submit_captions_the_demo_shards(head, tmp_path):
     write_shards(tmp_path / "in", 6, rows_per_shard=3)
     out = tmp_path / "out"
@@ -80,6 +81,7 @@ def test_ray_job_submit_captions_the_demo_shards(head, tmp_path):
     assert metrics["rows"] == 6 and metrics["errors"] == 0 and metrics["output_tokens"] > 0
 
 
+@pytest.mark.slow
 def test_with_a_wrong_token_the_cluster_refuses(head):
     env = {**head["env"], "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     result = subprocess.run([RAY, "job", "list", "--address", head["dashboard"]], env=env, capture_output=True,
@@ -88,13 +90,14 @@ def test_with_a_wrong_token_the_cluster_refuses(head):
     assert "Invalid authentication token" in result.stderr
 
 
+@pytest.mark.slow
 def test_a_killed_run_resumes_with_every_id_exactly_once(head, tmp_path):
     model = save_tiny_model(tmp_path / "model")
     write_shards(tmp_path / "in", 40, rows_per_shard=20)
     out = tmp_path / "out"
     command = [sys.executable, "jobs/caption.py", "--address", head["gcs"], "--input", str(tmp_path / "in"),
                "--output", str(out), "--model", model, "--max-tokens", "48", "--batch-size", "2",
-               "--rows-per-file", "2", "--no-progress"]
+               "--rows-per-file", "2", "--no-progress", "--quality-sample", "0"]
     first = subprocess.Popen(command, cwd=REPO, env=head["env"], stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
     deadline = time.time() + 180
@@ -112,6 +115,18 @@ def test_a_killed_run_resumes_with_every_id_exactly_once(head, tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     ids = read_output(str(out)).column("id").to_pylist()
     assert sorted(ids) == [f"test-0-{i:06d}" for i in range(40)]
-    metrics = json.loads((tmp_path / "out.metrics.json").read_text())
-    assert metrics["resumed_rows"] >= partial and metrics["rows"] == 40 - metrics["resumed_rows"]
-    assert (metrics["rows_in"], metrics["rows_out"], metrics["unique_ids"]) == (40, 40, 40)
+    metrics_file = tmp_path / "out.metrics.json"
+    metrics = json.loads(metrics_file.read_text())
+    # the metrics are the whole output's; this run's rows and rate apart; the killed run left no record
+    assert metrics["resumed_rows"] >= partial and metrics["rows_this_run"] == 40 - metrics["resumed_rows"]
+    assert (metrics["rows"], metrics["rows_in"], metrics["rows_out"], metrics["unique_ids"]) == (40, 40, 40, 40)
+    assert [r["rows"] for r in metrics["runs"]] == [metrics["rows_this_run"]]
+
+    # resuming the finished output: said so, exit 0, nothing touched, no Ray (nothing listens at port 1)
+    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in tmp_path.rglob("*") if p.is_file()}
+    finished = subprocess.run([*command[:command.index("--address")], "--address", "127.0.0.1:1",
+                               *command[command.index("--address") + 2:], "--resume"],
+                              cwd=REPO, env=head["env"], capture_output=True, text=True, timeout=120)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert "already holds a caption for every input row; nothing to do" in finished.stdout
+    assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in tmp_path.rglob("*") if p.is_file()} == before

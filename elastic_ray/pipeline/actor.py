@@ -1,16 +1,28 @@
-"""The caption actor: one `LLM` per actor, the caption step for a prepared batch, and the per-actor
-counters the run's metrics report."""
+"""The caption actor: one engine loop per actor, fed by several batches at once, and the per-actor
+counters the run's metrics report.
 
+Ray Data calls an actor with up to `--batches-in-flight` batches at a time, each on its own
+thread. Every batch hands its rows to the actor's one `EngineLoop`, so the rows of all batches
+share the engine's slots: when one batch's last rows run, the next batch's rows already fill the
+free slots. A batch returns as soon as its own rows are done.
+"""
+
+import math
 import os
+import threading
 import time
 
 import pyarrow as pa
 import ray
+from transformers.utils import logging as transformers_logging
 
-from elastic_ray import LLM, CacheConfig, EngineConfig, SamplingParams
+from elastic_ray.config import CacheConfig, EngineConfig, SamplingParams
+from elastic_ray.engine.engine import Engine
+from elastic_ray.engine.loop import EngineLoop, Refused, Submission, Work
 from elastic_ray.models.loading import load
+from elastic_ray.outputs import RequestOutput
 from elastic_ray.pipeline.job import CaptionJob
-from elastic_ray.pipeline.prepare import to_request
+from elastic_ray.pipeline.prepare import unpack
 
 OUTPUT_SCHEMA = pa.schema([
     ("id", pa.string()), ("caption", pa.string()), ("error", pa.string()),
@@ -19,49 +31,64 @@ OUTPUT_SCHEMA = pa.schema([
     ("latency_ms", pa.float64()),
 ])
 
+# Requests an engine holds (running and queued in it) per slot, as ray.data.llm caps vLLM's: one
+# more than its slots is enough for every freed slot to be refilled at the next step.
+PENDING_PER_SLOT = 1.1
+
 
 @ray.remote(num_cpus=0)
 class ActorStats:
-    """Per-actor counters the caption actors report to after each batch."""
+    """Per-actor counters the caption actors report to after each batch: sums, and the wall-clock
+    times (time.time()) the actor was ready, first fed and last done."""
 
     def __init__(self):
         self.actors: dict[str, dict] = {}
 
-    def started(self, key: str, node: str, pid: int, load_s: float, engine: dict) -> None:
-        entry = self.actors.setdefault(key, {"node": node, "pid": pid, "starts": 0, "load_s": [], "batches": 0,
-                                             "rows": 0, "errors": 0, "prompt_tokens": 0, "output_tokens": 0,
-                                             "kv_bytes": 0, "kv_bytes_full": 0, "engine_s": 0.0})
+    def started(self, key: str, node: str, pid: int, load_s: float, ready_at: float, engine: dict) -> None:
+        entry = self.actors.setdefault(key, {
+            "node": node, "pid": pid, "starts": 0, "load_s": [], "ready_at": ready_at, "batches": 0, "rows": 0,
+            "errors": 0, "prompt_tokens": 0, "output_tokens": 0, "kv_bytes": 0, "kv_bytes_full": 0,
+            "intake_s": 0.0, "engine_s": 0.0, "wait_s": 0.0, "cpu_s": 0.0, "decode_steps": 0, "busy_slots": 0, "slot_steps": 0,
+            "fed_at": None, "done_at": None})
         entry.update(node=node, pid=pid, **engine)
         entry["starts"] += 1
         entry["load_s"].append(round(load_s, 3))
 
-    def batch(self, key: str, numbers: dict) -> None:
+    def batch(self, key: str, counts: dict, fed_at: float | None, done_at: float | None) -> None:
         entry = self.actors[key]
         entry["batches"] += 1
-        for name, value in numbers.items():
+        for name, value in counts.items():
             entry[name] += value
+        if fed_at is not None:
+            entry["fed_at"] = min(fed_at, entry["fed_at"] or fed_at)
+            entry["done_at"] = max(done_at, entry["done_at"] or done_at)
 
     def snapshot(self) -> dict:
         return self.actors
 
 
 def load_model(job: CaptionJob):
-    """The job's (model, processor), on the GPU when its actors have one."""
+    """The job's (model, processor), on the GPU when its actors have one; no progress bar in the run's log."""
+    transformers_logging.disable_progress_bar()
     return load(job.model, device="cuda" if job.gpus_per_actor > 0 else None)
 
 
-def build_llm(job: CaptionJob) -> LLM:
-    """The job's engine: `max_num_seqs` sequences in flight, prompts up to what the context leaves.
-
-    A batch of more rows than slots keeps the slots full (a finished row's slot takes the next
-    row), so only each batch's last rows run with slots idle."""
-    engine = EngineConfig(kv_cache_memory=job.kv_cache_memory, max_num_seqs=job.max_num_seqs, max_tokens=job.max_tokens)
-    return LLM(load_model(job), cache=CacheConfig(job.method, job.budget, **dict(job.cache_options)), engine=engine)
+def cache_config(job: CaptionJob) -> CacheConfig:
+    return CacheConfig(job.method, job.budget, **dict(job.cache_options))
 
 
-def engine_slots(llm: LLM) -> dict:
+def engine_config(job: CaptionJob) -> EngineConfig:
+    """`max_num_seqs` sequences in flight in `kv_cache_memory`, prompts up to what the context leaves."""
+    return EngineConfig(kv_cache_memory=job.kv_cache_memory, max_num_seqs=job.max_num_seqs, max_tokens=job.max_tokens)
+
+
+def build_engine(job: CaptionJob, model=None) -> Engine:
+    """The job's engine, on `model` = (model, processor) or the job's model loaded."""
+    return Engine(*(model or load_model(job)), cache_config(job).policy, engine_config(job))
+
+
+def engine_slots(engine: Engine) -> dict:
     """What an actor's engine packs: its slots, and the slots its KV budget would hold with a full cache."""
-    engine = llm.engine
     return {"slots": engine.num_slots, "slot_bytes": engine.slot_size * engine.entry_bytes,
             "full_slots": engine.slots_for(CacheConfig("full", 1.0).policy), "kv_budget_bytes": engine.kv_budget_bytes}
 
@@ -70,58 +97,99 @@ def sampling(job: CaptionJob) -> SamplingParams:
     return SamplingParams(max_tokens=job.max_tokens, temperature=0.0)
 
 
+class BatchResult:
+    """One batch's output rows, filled in by the engine loop's thread as its rows finish."""
+
+    def __init__(self, job: CaptionJob, rows: list[dict], pending: int):
+        self.start, self.left, self.done, self.failure, self.kv_bytes_full = time.perf_counter(), pending, \
+            threading.Event(), None, 0
+        self.rows = [{"id": r["id"], "caption": None, "error": r["error"], "model": job.model, "method": job.method,
+                      "budget": float(job.budget), "prompt_tokens": None, "output_tokens": None, "kv_bytes": None,
+                      "latency_ms": None} for r in rows]
+        if not pending:
+            self.done.set()
+
+    def receiver(self, i: int):
+        def receive(event: RequestOutput | Exception) -> None:
+            row = self.rows[i]
+            if isinstance(event, Refused):
+                row["error"] = f"refused by the engine: {event}"
+            elif isinstance(event, Exception):  # the loop stopped: the batch fails
+                self.failure = event
+            elif event.finish_reason == "error":
+                row["error"] = f"refused by the engine: {event.error}"
+            else:
+                row.update(caption=event.text, prompt_tokens=event.stats["prompt_tokens"],
+                           output_tokens=event.stats["output_tokens"], kv_bytes=event.stats["kv_bytes"],
+                           latency_ms=round(1000 * (time.perf_counter() - self.start), 3))
+                self.kv_bytes_full += event.stats["kv_bytes_full"]
+            self.left -= 1
+            if not self.left:
+                self.done.set()
+        return receive
+
+
 class Captions:
-    """One `LLM` and the caption step for a prepared batch. Rows `prepare` flagged keep their error;
-    the others go to the engine one by one, so a request it refuses (a prompt over its limit, say)
-    becomes that row's error while the rest run batched."""
+    """One engine loop and the caption step for processed batches (`prepare.process`), called from
+    any number of threads at once. Rows the CPU stages flagged keep their error; a request the
+    engine refuses becomes its row's error while the rest run."""
 
     def __init__(self, job: CaptionJob):
-        self.job, self.llm = job, build_llm(job)
-        self.sampling = sampling(job)
+        self.job, self.cache, self.sampling = job, cache_config(job), sampling(job)
+        self.engine = build_engine(job)
+        self.loop = EngineLoop(lambda cache: self.engine, 1, self.cache,
+                               max_pending=math.ceil(PENDING_PER_SLOT * self.engine.num_slots))
+
+    def close(self) -> None:
+        """Stop the engine loop's thread."""
+        self.loop.close()
 
     def __call__(self, batch: pa.Table) -> tuple[pa.Table, dict]:
-        """The output rows, and the batch's numbers for the run's per-actor metrics."""
+        """The output rows, and the batch's numbers for the run's per-actor metrics: counts, and
+        `fed_at` / `done_at`, when its rows reached the loop and its last one finished (None
+        when no row did)."""
         rows = batch.to_pylist()
-        out = [{"id": r["id"], "caption": None, "error": r["error"], "model": self.job.model,
-                "method": self.job.method, "budget": float(self.job.budget), "prompt_tokens": None,
-                "output_tokens": None, "kv_bytes": None, "latency_ms": None} for r in rows]
-        engine, start, kv_full = self.llm.engine, time.perf_counter(), 0
-        for i, row in enumerate(rows):
-            if row["error"] is None:
-                try:
-                    engine.add_request(to_request(row), self.sampling, request_id=i)
-                except ValueError as e:
-                    out[i]["error"] = f"refused by the engine: {e}"
-        while engine.has_unfinished():
-            for o in engine.step():
-                if o.finish_reason == "error":
-                    out[o.request_id]["error"] = f"refused by the engine: {o.error}"
-                elif o.finished:
-                    out[o.request_id].update(
-                        caption=o.text, prompt_tokens=o.stats["prompt_tokens"], output_tokens=o.stats["output_tokens"],
-                        kv_bytes=o.stats["kv_bytes"], latency_ms=round(1000 * (time.perf_counter() - start), 3))
-                    kv_full += o.stats["kv_bytes_full"]
-        done = [result for result in out if result["caption"] is not None]
+        pending = [i for i, row in enumerate(rows) if row["error"] is None]
+        result = BatchResult(self.job, rows, len(pending))
+        submissions = [Submission(Work(unpack(rows[i]), self.sampling, self.cache), result.receiver(i), stream=False)
+                       for i in pending]
+        intake_s, fed_at = time.perf_counter() - result.start, time.time() if pending else None
+        self.loop.submit_all(submissions)
+        result.done.wait()
+        if result.failure is not None:
+            raise result.failure
+        captioned = [r for r in result.rows if r["caption"] is not None]
         numbers = {
-            "rows": len(out), "errors": len(out) - len(done), "engine_s": time.perf_counter() - start,
-            "kv_bytes_full": kv_full, "prompt_tokens": sum(r["prompt_tokens"] for r in done),
-            "output_tokens": sum(r["output_tokens"] for r in done), "kv_bytes": sum(r["kv_bytes"] for r in done),
+            "rows": len(rows), "errors": len(rows) - len(captioned), "intake_s": intake_s,
+            "kv_bytes_full": result.kv_bytes_full, "prompt_tokens": sum(r["prompt_tokens"] for r in captioned),
+            "output_tokens": sum(r["output_tokens"] for r in captioned), "kv_bytes": sum(r["kv_bytes"] for r in captioned),
+            "fed_at": fed_at, "done_at": time.time() if pending else None,
         }
-        return pa.Table.from_pylist(out, schema=OUTPUT_SCHEMA), numbers
+        return pa.Table.from_pylist(result.rows, schema=OUTPUT_SCHEMA), numbers
 
 
 class Captioner:
-    """The actor-pool callable: `Captions` plus reporting to `ActorStats` after every batch."""
+    """The actor-pool callable: `Captions`, reporting to `ActorStats` after every batch its counts and
+    what was measured since the last report: its engine loop's decode steps, busy slots, waiting
+    and stepping, and the process's CPU time (all threads)."""
 
     def __init__(self, job: CaptionJob, stats):
         start = time.perf_counter()
         self.captions, self.stats = Captions(job), stats
+        self.reported, self.cpu_reported, self.lock = self.captions.loop.stats(), time.process_time(), threading.Lock()
         context = ray.get_runtime_context()
         self.key = context.get_actor_id()
         ray.get(stats.started.remote(self.key, context.get_node_id(), os.getpid(), time.perf_counter() - start,
-                                     engine_slots(self.captions.llm)))
+                                     time.time(), engine_slots(self.captions.engine)))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         table, numbers = self.captions(batch)
-        ray.get(self.stats.batch.remote(self.key, numbers))
+        fed_at, done_at = numbers.pop("fed_at"), numbers.pop("done_at")
+        with self.lock:
+            now, before, cpu_before = self.captions.loop.stats(), self.reported, self.cpu_reported
+            self.reported, self.cpu_reported = now, time.process_time()
+        numbers.update(cpu_s=self.cpu_reported - cpu_before, decode_steps=now.decode_steps - before.decode_steps,
+                       busy_slots=now.busy_slots - before.busy_slots, slot_steps=now.slots - before.slots,
+                       wait_s=now.wait_s - before.wait_s, engine_s=now.step_s - before.step_s)
+        ray.get(self.stats.batch.remote(self.key, numbers, fed_at, done_at))
         return table

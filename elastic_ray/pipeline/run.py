@@ -1,22 +1,29 @@
-"""The run: check, connect to Ray, optionally calibrate the budget, then read -> prepare ->
-caption -> write_parquet, and verify that every input id is in the output once."""
+"""The run: check, connect to Ray, optionally calibrate the budget, caption a sample with the full
+cache too (the run's own fidelity), then read -> prepare -> process -> caption -> write_parquet,
+and verify that every input id is in the output once."""
 
 import json
+import logging
 import os
 import time
 from dataclasses import replace
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 from pyarrow.fs import FSSpecHandler, PyFileSystem
 from ray.data import ActorPoolStrategy, DataContext
 
 from elastic_ray.pipeline.actor import ActorStats, Captioner
+from elastic_ray.pipeline.console import quiet_ray
 from elastic_ray.pipeline.inputs import SAMPLE_SCAN_FACTOR, Input, input_sample, inspect_input
 from elastic_ray.pipeline.job import CaptionJob, JobConfigError, check_settings
-from elastic_ray.pipeline.metrics import run_metrics
+from elastic_ray.pipeline.metrics import run_metrics, timings
 from elastic_ray.pipeline.output import check_output, finished_ids, parquet_files, read_files
-from elastic_ray.pipeline.prepare import prepare
+from elastic_ray.pipeline.prepare import prepare, process
+from elastic_ray.pipeline.progress import Progress
+
+logger = logging.getLogger(__name__)
 
 ACTOR_START_TIMEOUT_S = 600
 
@@ -29,31 +36,54 @@ def check(job: CaptionJob) -> Input:
     return found
 
 
-def run(job: CaptionJob, calibrate=None) -> dict:
-    """Check, caption, write, verify every input id is in the output once; return the metrics.
+def output_complete(job: CaptionJob, found: Input) -> bool:
+    """Whether the output's files are whole and hold one row per input row with distinct ids, as a
+    finished run leaves them. Reads only; no file is changed."""
+    fs, root = job.filesystem(job.output)
+    try:
+        ids = read_files(fs, parquet_files(fs, root), ["id"]).column("id")
+    except pa.ArrowInvalid:  # a file cut short by a kill
+        return False
+    return len(ids) == found.rows and pc.count_distinct(ids).as_py() == len(ids) - ids.null_count
+
+
+def run(job: CaptionJob, calibrate=None, measure_fidelity=None) -> dict | None:
+    """Check, caption, write, verify every input id is in the output once; return the metrics, or
+    None when `job.resume` finds the output already complete (then nothing is started or written).
 
     Connects to `job.address` (or `RAY_ADDRESS`), joins a Ray already initialised in this
-    process, or starts a local one on 127.0.0.1. With `budget="auto"`, `calibrate(job, requests)`
-    first runs as a Ray task with one caption actor's resources, on `input_sample`'s requests, and
-    returns a dict whose "budget" the run then uses; the dict goes into the metrics.
+    process, or starts a local one on 127.0.0.1. Two functions run first as Ray tasks with one
+    caption actor's resources, on `input_sample`'s requests, each returning a dict the metrics
+    record: with `budget="auto"`, `calibrate(job, requests)` picks the budget ("budget");
+    unless the method is full or `job.quality_sample` is 0, `measure_fidelity(job, requests)`
+    scores the job's captions of a sample against the full cache's ("rouge_l", "degenerate").
     """
     found = check(job)
+    if job.resume and output_complete(job, found):
+        return None
     if job.budget == "auto" and calibrate is None:
         raise ValueError("budget 'auto' needs a calibrate function")
+    if _measures_fidelity(job) and measure_fidelity is None:
+        raise ValueError("a quality sample needs a measure_fidelity function (or quality_sample=0)")
+    quiet_ray()
     owned = not ray.is_initialized()
+    start = time.perf_counter()
     if owned:
         address = job.address or os.environ.get("RAY_ADDRESS")
         if address:
-            ray.init(address=address)
+            ray.init(address=address, logging_level=logging.WARNING)
         else:
-            ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False)
+            ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False,
+                     logging_level=logging.WARNING)
+    ray_start_s = time.perf_counter() - start
     try:
         _check_resources(job)
         calibration = None
         if job.budget == "auto":
             calibration = _calibrate(job, found, calibrate)
             job = replace(job, budget=calibration["budget"])
-        return _execute(job, found, calibration)
+        quality = _quality_sample(job, found, measure_fidelity)
+        return _execute(job, found, ray_start_s, calibration, quality)
     finally:
         if owned:
             ray.shutdown()
@@ -72,35 +102,79 @@ def _check_resources(job: CaptionJob) -> None:
                              "--cpus-per-actor")
 
 
+def _on_sample(job: CaptionJob, requests: list[dict], function) -> dict:
+    """`function(job, requests)` as a Ray task with one caption actor's resources; its dict and seconds."""
+    start = time.perf_counter()
+    task = ray.remote(function).options(num_cpus=job.cpus_per_actor, num_gpus=job.gpus_per_actor)
+    result = ray.get(task.remote(job, requests))
+    return {**result, "rows": len(requests), "wall_s": round(time.perf_counter() - start, 3)}
+
+
 def _calibrate(job: CaptionJob, found: Input, calibrate) -> dict:
     requests = input_sample(job, found, job.calibration_rows)
     if not requests:
         raise JobConfigError(f"--budget auto: no good row to calibrate on among the input's first "
                              f"{SAMPLE_SCAN_FACTOR * job.calibration_rows} rows")
-    start = time.perf_counter()
-    task = ray.remote(calibrate).options(num_cpus=job.cpus_per_actor, num_gpus=job.gpus_per_actor)
-    calibration = ray.get(task.remote(job, requests))
-    return {**calibration, "rows": len(requests), "wall_s": round(time.perf_counter() - start, 3)}
+    return _on_sample(job, requests, calibrate)
 
 
-def _execute(job: CaptionJob, found: Input, calibration: dict | None = None) -> dict:
+def _measures_fidelity(job: CaptionJob) -> bool:
+    return job.quality_sample > 0 and job.method != "full"
+
+
+def _quality_sample(job: CaptionJob, found: Input, measure_fidelity) -> dict:
+    """The run's own fidelity on the input's first good rows, warned about here, before the run,
+    when under `job.min_rouge`. Skipped (`skipped` says why) with --method full or a sample of 0."""
+    skipped = {"rows": 0, "rouge_l": None, "degenerate": None, "wall_s": 0.0, "min_rouge": job.min_rouge,
+               "passed": None}
+    if job.quality_sample == 0:
+        return {**skipped, "skipped": "--quality-sample 0"}
+    if job.method == "full":
+        return {**skipped, "skipped": "--method full is the reference: ROUGE-L 1.0 by definition"}
+    requests = input_sample(job, found, job.quality_sample)
+    if not requests:
+        return {**skipped, "skipped": f"no good row among the input's first {SAMPLE_SCAN_FACTOR * job.quality_sample}"}
+    measured = _on_sample(job, requests, measure_fidelity)
+    if measured["rouge_l"] is None:
+        return {**skipped, **measured, "skipped": "the engine refused every sample row"}
+    quality = {**measured, "min_rouge": job.min_rouge, "passed": measured["rouge_l"] >= job.min_rouge}
+    if not quality["passed"]:
+        logger.warning(
+            "WARNING: on %d sample rows, %s at budget %g scores ROUGE-L %.3f against the full cache's captions, "
+            "under --min-rouge %g; %d of its %d sample captions are degenerate. These captions may be unusable: "
+            "consider a larger --budget or other --cache-option settings.",
+            quality["rows"], job.method, job.budget, quality["rouge_l"], job.min_rouge, quality["degenerate"],
+            quality["rows"])
+    return quality
+
+
+def _execute(job: CaptionJob, found: Input, ray_start_s: float, calibration: dict | None, quality: dict) -> dict:
     out_fs, out_root = job.filesystem(job.output)
     done = finished_ids(out_fs, out_root) if job.resume else pa.array([], pa.string())
+    earlier = _earlier_runs(job) if job.resume else []
     before = set(parquet_files(out_fs, out_root))
     stats = ActorStats.remote()
     try:
-        start = time.perf_counter()
-        _write_captions(job, found, done, stats)
+        started_at, start = time.time(), time.perf_counter()
+        with Progress(stats, found.rows - len(done), job.progress):
+            _write_captions(job, found, done, stats)
         wall = time.perf_counter() - start
         actors = ray.get(stats.snapshot.remote())
     finally:
         ray.kill(stats)
-    new = [f for f in parquet_files(out_fs, out_root) if f not in before]
-    written = read_files(out_fs, new, ["error", "prompt_tokens", "output_tokens", "kv_bytes", "latency_ms"])
-    ids = read_files(out_fs, parquet_files(out_fs, out_root), ["id"]).column("id")
-    metrics = run_metrics(job, found, written, ids, len(done), wall, actors)
+    files = parquet_files(out_fs, out_root)
+    columns = ["id", "error", "prompt_tokens", "output_tokens", "kv_bytes", "latency_ms"]
+    output = read_files(out_fs, files, columns)
+    this_run = read_files(out_fs, [f for f in files if f not in before], columns)
+    metrics = run_metrics(job, found, output, this_run, len(done), wall, actors)
+    metrics["timings"] = timings(ray_start_s, started_at, started_at + wall, actors)
+    metrics["quality_sample"] = quality
     if calibration is not None:
         metrics["budget_calibration"] = calibration
+    metrics["runs"] = earlier + [{
+        "rows": metrics["rows_this_run"], "wall_s": metrics["wall_s"], "num_actors": metrics["num_actors"],
+        "gpus_per_actor": job.gpus_per_actor, "cpus_per_actor": job.cpus_per_actor,
+        "calibration_s": calibration["wall_s"] if calibration else 0.0, "quality_sample_s": quality["wall_s"]}]
     with out_fs.open(out_root.rstrip("/") + ".metrics.json", "w") as f:
         json.dump(metrics, f, indent=2)
     if metrics["rows_out"] != found.rows or metrics["unique_ids"] != metrics["rows_out"] - metrics["null_ids"]:
@@ -109,12 +183,24 @@ def _execute(job: CaptionJob, found: Input, calibration: dict | None = None) -> 
     return metrics
 
 
+def _earlier_runs(job: CaptionJob) -> list[dict]:
+    """The runs an earlier metrics file of this output records (a killed run leaves none)."""
+    fs, root = job.filesystem(job.output)
+    path = root.rstrip("/") + ".metrics.json"
+    if not fs.exists(path):
+        return []
+    with fs.open(path) as f:
+        earlier = json.load(f)
+    return earlier.get("runs") or [{"rows": earlier["rows"], "wall_s": earlier["wall_s"],
+                                    "num_actors": earlier["num_actors"]}]
+
+
 def _write_captions(job: CaptionJob, found: Input, done: pa.Array, stats) -> None:
-    """The Ray Data pipeline: read -> prepare -> caption -> write_parquet."""
+    """The Ray Data pipeline: read -> prepare -> process -> caption -> write_parquet."""
     in_fs, _ = job.filesystem(job.input)
     out_fs, out_root = job.filesystem(job.output)
     context = DataContext.get_current()
-    context.enable_progress_bars = job.progress
+    context.enable_progress_bars = False  # `Progress` prints one line instead
     # Start only once the whole pool is up: work spreads over every actor, and a pool the cluster
     # cannot place fails with a timeout instead of waiting silently.
     context.wait_for_min_actors_s = ACTOR_START_TIMEOUT_S
@@ -126,9 +212,15 @@ def _write_captions(job: CaptionJob, found: Input, done: pa.Array, stats) -> Non
     # Whole read blocks: the set of finished ids is hashed once per block, not once per batch.
     ds = ds.map_batches(prepare, batch_size=None, batch_format="pyarrow",
                         fn_kwargs={"job": job, "found": found, "done": done})
+    ds = ds.map_batches(process, batch_size=job.batch_size, batch_format="pyarrow", fn_kwargs={"job": job})
     # Blocks of one batch each, so every actor gets work however few and large the input files are.
     ds = ds.repartition(target_num_rows_per_block=job.batch_size)
-    ds = ds.map_batches(Captioner, compute=ActorPoolStrategy(size=job.num_actors), batch_size=job.batch_size,
-                        batch_format="pyarrow", num_cpus=job.cpus_per_actor, num_gpus=job.gpus_per_actor or None,
+    # Each actor runs `batches_in_flight` calls at once, on threads that share its engine loop, and
+    # holds as many more queued, so a batch is always ready when one returns.
+    pool = ActorPoolStrategy(size=job.num_actors, max_concurrent_calls_per_actor=job.batches_in_flight,
+                             max_tasks_in_flight_per_actor=2 * job.batches_in_flight, enable_true_multi_threading=True)
+    ds = ds.map_batches(Captioner, compute=pool, batch_size=job.batch_size, batch_format="pyarrow",
+                        num_cpus=job.cpus_per_actor, num_gpus=job.gpus_per_actor or None,
                         fn_constructor_kwargs={"job": job, "stats": stats}, udf_modifying_row_count=False)
     ds.write_parquet(out_root, filesystem=PyFileSystem(FSSpecHandler(out_fs)), min_rows_per_file=job.rows_per_file)
+
