@@ -32,29 +32,20 @@ def calibrate(job: CaptionJob, requests: list[dict]) -> dict:
     """Auto-budget on the job's own rows: the smallest budget whose greedy captions score
     `job.target_rouge` ROUGE-L against the full cache's. Runs as a Ray task (see `run`)."""
     from elastic_ray.eval.calibrate import choose_budget
+    from elastic_ray.eval.samples import Sample
     from elastic_ray.pipeline.actor import load_model
 
     model, processor = load_model(job)
-    return choose_budget(model, processor, samples(requests), job.method, job.target_rouge, job.max_tokens,
+    samples = [Sample(r["id"], r["image"], r["prompt"], "", "reference") for r in requests]
+    return choose_budget(model, processor, samples, job.method, job.target_rouge, job.max_tokens,
                          options=dict(job.cache_options))
 
 
-def measure_fidelity(job: CaptionJob, requests: list[dict]) -> dict:
-    """The run's own fidelity: its cache's captions of a sample against the full cache's. Runs as a
-    Ray task (see `run`)."""
-    from elastic_ray.eval.spot_check import spot_check
-    from elastic_ray.eval.sweep import Cell
-    from elastic_ray.pipeline.actor import engine_config, load_model
+def score(captions: list[str], references: list[str]) -> dict:
+    """The quality sample's captions against the full cache's (see `run`)."""
+    from elastic_ray.eval.spot_check import fidelity
 
-    model, processor = load_model(job)
-    cell = Cell(job.method, job.budget, tuple(sorted(job.cache_options)))
-    return spot_check(model, processor, samples(requests), cell, engine_config(job))
-
-
-def samples(requests: list[dict]):
-    from elastic_ray.eval.samples import Sample
-
-    return [Sample(r["id"], r["image"], r["prompt"], "", "reference") for r in requests]
+    return fidelity(captions, references)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -133,7 +124,7 @@ def main(argv=None) -> None:
         p.error(f"--report-with: {e}")
     try:
         with DroppedLines():
-            metrics = run(job, calibrate, measure_fidelity)
+            metrics = run(job, calibrate, score)
     except JobConfigError as e:
         p.error(str(e))
     if metrics is None:

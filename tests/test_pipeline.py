@@ -31,11 +31,12 @@ from elastic_ray import CacheConfig
 from elastic_ray.data.images import decode_image
 from elastic_ray.data.shapes import CAPTION_INSTRUCTION, write_shards
 from elastic_ray.eval.samples import Sample
-from elastic_ray.eval.spot_check import spot_check
+from elastic_ray.eval.spot_check import fidelity
 from elastic_ray.eval.sweep import Cell, run_cell
 from elastic_ray.models.loading import load
 from elastic_ray.models.prompts import prepare_request
-from elastic_ray.pipeline.actor import Captions, build_engine, engine_config
+from elastic_ray.engine.engine import Engine
+from elastic_ray.pipeline.actor import Captions, build_engine, engine_config, sampling
 from elastic_ray.pipeline.inputs import input_sample
 from elastic_ray.pipeline.job import CaptionJob, JobConfigError
 from elastic_ray.pipeline.output import finished_ids
@@ -399,10 +400,12 @@ def test_run_on_two_nodes_flags_bad_rows_and_writes_each_id_once(cluster, tiny_m
     job = CaptionJob(input=str(tmp_path / "in"), output=str(out), model=tiny_model, max_tokens=4,
                      max_pixels=MAX_PIXELS)
     requests = input_sample(job, check(replace(job, output=str(tmp_path / "elsewhere"))), 3)
-    samples = [Sample(r["id"], r["image"], r["prompt"], "", "reference") for r in requests]
-    with one_torch_thread():  # as in the Ray task, which has one CPU
-        again = spot_check(*load(tiny_model), samples, Cell("elastic", 0.5), engine_config(job))
-    assert (again["rouge_l"], again["degenerate"]) == (quality["rouge_l"], quality["degenerate"])
+    model = load(tiny_model)
+    with one_torch_thread():  # as in the actor, which has one CPU
+        texts, full = ([o.text for o in Engine(*model, CacheConfig(*cache).policy, engine_config(job)).generate(
+            requests, sampling(job)) if o.error is None] for cache in (("elastic", 0.5), ("full", 1.0)))
+    assert fidelity(texts, full) == {k: quality[k] for k in ("rouge_l", "degenerate", "degenerate_full")}
+    assert quality["captioned"] == len(texts) == 2  # the long instruction is refused by both
     # quiet: the summary, and no lines of Ray's own that do not concern the user
     lines = (result.stdout + result.stderr).splitlines()
     assert len(lines) <= 4, lines

@@ -127,6 +127,16 @@ class EngineLoop:
             self._lock.notify()
         self._thread.join()
 
+    def release(self, cache: CacheConfig) -> bool:
+        """Drop the idle engine for `cache`, freeing its KV memory, unless it is the pool's last;
+        returns whether it was dropped."""
+        with self._lock:
+            engine = self.engines.get(cache)
+            if engine is None or engine.has_unfinished() or len(self.engines) == 1:
+                return False
+            del self.engines[cache]
+            return True
+
     def stats(self) -> LoopStats:
         """A copy of what the loop has measured so far."""
         with self._lock:

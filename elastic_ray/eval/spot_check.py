@@ -1,13 +1,9 @@
-"""A run's own fidelity, spot-checked: a sample of its rows captioned with the run's cache and with
-the full cache, scored by ROUGE-L against the full cache's captions and by how many captions
-are degenerate."""
+"""A run's own fidelity, spot-checked on a sample of its rows: its captions against the full cache's
+captions of the same rows, by ROUGE-L and by how many captions are degenerate."""
 
 import re
 
-from elastic_ray.config import EngineConfig
 from elastic_ray.eval.metrics import rouge_l
-from elastic_ray.eval.samples import Sample
-from elastic_ray.eval.sweep import FULL, Cell, run_cell
 
 REPEATS = 3  # times in a row a phrase must come for a caption to count as degenerate
 
@@ -27,12 +23,8 @@ def degenerate(caption: str) -> bool:
     return False
 
 
-def spot_check(model, processor, samples: list[Sample], cell: Cell, engine: EngineConfig) -> dict:
-    """`cell`'s greedy captions of `samples` against the full cache's, both on engines sized by
-    `engine` (its `max_tokens` bounds a caption): mean ROUGE-L F1 over the samples both ran, and
-    the degenerate captions of each (`degenerate`, `degenerate_full`)."""
-    _, full = run_cell(model, processor, Cell(*FULL), samples, engine.max_tokens, engine=engine, score_ppl=False)
-    _, texts = run_cell(model, processor, cell, samples, engine.max_tokens, full, engine=engine, score_ppl=False)
-    both = [(t, f) for t, f in zip(texts, full) if t is not None and f is not None]
-    return {"rouge_l": round(rouge_l(*zip(*both)), 4) if both else None,
-            "degenerate": sum(degenerate(t) for t, _ in both), "degenerate_full": sum(degenerate(f) for _, f in both)}
+def fidelity(captions: list[str], references: list[str]) -> dict:
+    """Captions against the full cache's captions of the same rows (`references`): mean ROUGE-L F1,
+    and the degenerate captions among each (`degenerate`, `degenerate_full`)."""
+    return {"rouge_l": round(rouge_l(captions, references), 4), "degenerate": sum(map(degenerate, captions)),
+            "degenerate_full": sum(map(degenerate, references))}

@@ -23,6 +23,7 @@ from elastic_ray.models.loading import load
 from elastic_ray.outputs import RequestOutput
 from elastic_ray.pipeline.job import CaptionJob
 from elastic_ray.pipeline.prepare import unpack
+from elastic_ray.pipeline.sample import measure_sample
 
 OUTPUT_SCHEMA = pa.schema([
     ("id", pa.string()), ("caption", pa.string()), ("error", pa.string()),
@@ -43,6 +44,21 @@ class ActorStats:
 
     def __init__(self):
         self.actors: dict[str, dict] = {}
+        self.sampler: str | None = None  # the actor measuring the quality sample
+        self.quality: dict | None = None  # what it measured
+
+    def claim_sample(self, key: str) -> bool:
+        """Whether actor `key` is to measure the quality sample: the first to ask is, and again after a restart."""
+        if self.quality is None and self.sampler in (None, key):
+            self.sampler = key
+            return True
+        return False
+
+    def sample_measured(self, quality: dict) -> None:
+        self.quality = quality
+
+    def sample(self) -> dict | None:
+        return self.quality
 
     def started(self, key: str, node: str, pid: int, load_s: float, ready_at: float, engine: dict) -> None:
         entry = self.actors.setdefault(key, {
@@ -134,10 +150,17 @@ class Captions:
     any number of threads at once. Rows the CPU stages flagged keep their error; a request the
     engine refuses becomes its row's error while the rest run."""
 
-    def __init__(self, job: CaptionJob):
+    def __init__(self, job: CaptionJob, max_engines: int = 1):
+        """`max_engines` 2 leaves room for the quality sample's full-cache engine beside the job's."""
         self.job, self.cache, self.sampling = job, cache_config(job), sampling(job)
-        self.engine = build_engine(job)
-        self.loop = EngineLoop(lambda cache: self.engine, 1, self.cache,
+        self.model = load_model(job)
+        self.engine = build_engine(job, self.model)
+        config = engine_config(job)
+
+        def make_engine(cache: CacheConfig) -> Engine:
+            return self.engine if cache == self.cache else Engine(*self.model, cache.policy, config)
+
+        self.loop = EngineLoop(make_engine, max_engines, self.cache,
                                max_pending=math.ceil(PENDING_PER_SLOT * self.engine.num_slots))
 
     def close(self) -> None:
@@ -173,14 +196,25 @@ class Captioner:
     what was measured since the last report: its engine loop's decode steps, busy slots, waiting
     and stepping, and the process's CPU time (all threads)."""
 
-    def __init__(self, job: CaptionJob, stats):
+    def __init__(self, job: CaptionJob, stats, sample: list | None = None, score=None):
+        """`sample` = [an object ref to the quality sample's requests] (nested, so only the actor
+        that measures it fetches it) and `score(captions, references) -> dict`: the first actor
+        to claim it measures it on a thread of its own (`sample.measure_sample`) and reports it."""
         start = time.perf_counter()
-        self.captions, self.stats = Captions(job), stats
+        self.captions, self.stats = Captions(job, max_engines=2 if sample else 1), stats
         self.reported, self.cpu_reported, self.lock = self.captions.loop.stats(), time.process_time(), threading.Lock()
         context = ray.get_runtime_context()
         self.key = context.get_actor_id()
         ray.get(stats.started.remote(self.key, context.get_node_id(), os.getpid(), time.perf_counter() - start,
                                      time.time(), engine_slots(self.captions.engine)))
+        if sample and ray.get(stats.claim_sample.remote(self.key)):
+            threading.Thread(target=self._measure_sample, args=(sample[0], score), name="quality-sample",
+                             daemon=True).start()
+
+    def _measure_sample(self, requests, score) -> None:
+        c = self.captions
+        quality = measure_sample(c.loop, c.engine, c.cache, c.sampling, ray.get(requests), score)
+        ray.get(self.stats.sample_measured.remote(quality))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         table, numbers = self.captions(batch)

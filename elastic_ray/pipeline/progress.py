@@ -1,5 +1,6 @@
-"""The one progress line a run shows on a terminal: rows captioned so far, of the rows to do, and
-the rate, from what the caption actors report."""
+"""What the driver shows while the pipeline runs: one progress line on a terminal (rows captioned
+so far, of the rows to do, and the rate), and the quality sample's verdict as soon as it is
+measured; both from what the caption actors report."""
 
 import sys
 import threading
@@ -11,25 +12,27 @@ INTERVAL_S = 1.0
 
 
 class Progress:
-    """While the `with` block runs, rewrite one line on stderr every INTERVAL_S, when stderr is a
-    terminal and `show` is set; otherwise do nothing. The line is cleared at the end."""
+    """While the `with` block runs, every INTERVAL_S: rewrite one line on stderr when stderr is a
+    terminal and `show` is set (the line is cleared at the end), and hand the quality sample's
+    result to `on_quality` once, when an actor has reported it."""
 
-    def __init__(self, stats, total: int, show: bool, stream=None):
-        self.stats, self.total, self.stream = stats, total, stream or sys.stderr
+    def __init__(self, stats, total: int, show: bool, on_quality=None, stream=None):
+        self.stats, self.total, self.on_quality, self.stream = stats, total, on_quality, stream or sys.stderr
         self.show = show and self.stream.isatty()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="progress", daemon=True)
 
     def __enter__(self) -> "Progress":
-        if self.show:
-            self.start = time.perf_counter()
+        self.start = time.perf_counter()
+        if self.show or self.on_quality:
             self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.show:
+        if self._thread.is_alive():
             self._stop.set()
             self._thread.join()
+        if self.show:
             self.stream.write("\r\033[K")
             self.stream.flush()
 
@@ -39,7 +42,15 @@ class Progress:
 
     def _run(self) -> None:
         while not self._stop.wait(INTERVAL_S):
-            actors = ray.get(self.stats.snapshot.remote())
-            rows = sum(a["rows"] for a in actors.values())
-            self.stream.write("\r\033[K" + self.line(rows, time.perf_counter() - self.start))
-            self.stream.flush()
+            if self.on_quality and (quality := ray.get(self.stats.sample.remote())) is not None:
+                if self.show:
+                    self.stream.write("\r\033[K")
+                self.on_quality(quality)
+                self.on_quality = None
+            if self.show:
+                actors = ray.get(self.stats.snapshot.remote())
+                rows = sum(a["rows"] for a in actors.values())
+                self.stream.write("\r\033[K" + self.line(rows, time.perf_counter() - self.start))
+                self.stream.flush()
+            elif not self.on_quality:
+                return

@@ -21,6 +21,7 @@ from elastic_ray.pipeline.job import CaptionJob, JobConfigError, check_settings
 from elastic_ray.pipeline.metrics import run_metrics, timings
 from elastic_ray.pipeline.output import check_output, finished_ids, parquet_files, read_files
 from elastic_ray.pipeline.prepare import prepare, process
+from elastic_ray.pipeline import sample
 from elastic_ray.pipeline.progress import Progress
 
 logger = logging.getLogger(__name__)
@@ -47,24 +48,23 @@ def output_complete(job: CaptionJob, found: Input) -> bool:
     return len(ids) == found.rows and pc.count_distinct(ids).as_py() == len(ids) - ids.null_count
 
 
-def run(job: CaptionJob, calibrate=None, measure_fidelity=None) -> dict | None:
+def run(job: CaptionJob, calibrate=None, score=None) -> dict | None:
     """Check, caption, write, verify every input id is in the output once; return the metrics, or
     None when `job.resume` finds the output already complete (then nothing is started or written).
 
     Connects to `job.address` (or `RAY_ADDRESS`), joins a Ray already initialised in this
-    process, or starts a local one on 127.0.0.1. Two functions run first as Ray tasks with one
-    caption actor's resources, on `input_sample`'s requests, each returning a dict the metrics
-    record: with `budget="auto"`, `calibrate(job, requests)` picks the budget ("budget");
-    unless the method is full or `job.quality_sample` is 0, `measure_fidelity(job, requests)`
-    scores the job's captions of a sample against the full cache's ("rouge_l", "degenerate").
+    process, or starts a local one on 127.0.0.1. With `budget="auto"`, `calibrate(job, requests)`
+    first runs as a Ray task with one caption actor's resources on `input_sample`'s requests and
+    returns a dict whose "budget" the run uses. Unless the method is full or `job.quality_sample`
+    is 0, a caption actor also captions the input's first good rows with the full cache, and
+    `score(captions, references)` scores its captions against those ("rouge_l", "degenerate");
+    a score under `job.min_rouge` is warned about as soon as it is known. Both go into the metrics.
     """
     found = check(job)
     if job.resume and output_complete(job, found):
         return None
     if job.budget == "auto" and calibrate is None:
         raise ValueError("budget 'auto' needs a calibrate function")
-    if _measures_fidelity(job) and measure_fidelity is None:
-        raise ValueError("a quality sample needs a measure_fidelity function (or quality_sample=0)")
     quiet_ray()
     owned = not ray.is_initialized()
     start = time.perf_counter()
@@ -82,8 +82,10 @@ def run(job: CaptionJob, calibrate=None, measure_fidelity=None) -> dict | None:
         if job.budget == "auto":
             calibration = _calibrate(job, found, calibrate)
             job = replace(job, budget=calibration["budget"])
-        quality = _quality_sample(job, found, measure_fidelity)
-        return _execute(job, found, ray_start_s, calibration, quality)
+        quality = _quality_sample(job, found)
+        if isinstance(quality, list) and score is None:
+            raise ValueError("a quality sample needs a score function (or quality_sample=0)")
+        return _execute(job, found, ray_start_s, calibration, quality, score)
     finally:
         if owned:
             ray.shutdown()
@@ -102,64 +104,52 @@ def _check_resources(job: CaptionJob) -> None:
                              "--cpus-per-actor")
 
 
-def _on_sample(job: CaptionJob, requests: list[dict], function) -> dict:
-    """`function(job, requests)` as a Ray task with one caption actor's resources; its dict and seconds."""
-    start = time.perf_counter()
-    task = ray.remote(function).options(num_cpus=job.cpus_per_actor, num_gpus=job.gpus_per_actor)
-    result = ray.get(task.remote(job, requests))
-    return {**result, "rows": len(requests), "wall_s": round(time.perf_counter() - start, 3)}
-
-
 def _calibrate(job: CaptionJob, found: Input, calibrate) -> dict:
     requests = input_sample(job, found, job.calibration_rows)
     if not requests:
         raise JobConfigError(f"--budget auto: no good row to calibrate on among the input's first "
                              f"{SAMPLE_SCAN_FACTOR * job.calibration_rows} rows")
-    return _on_sample(job, requests, calibrate)
+    start = time.perf_counter()
+    task = ray.remote(calibrate).options(num_cpus=job.cpus_per_actor, num_gpus=job.gpus_per_actor)
+    calibration = ray.get(task.remote(job, requests))
+    return {**calibration, "rows": len(requests), "wall_s": round(time.perf_counter() - start, 3)}
 
 
-def _measures_fidelity(job: CaptionJob) -> bool:
-    return job.quality_sample > 0 and job.method != "full"
-
-
-def _quality_sample(job: CaptionJob, found: Input, measure_fidelity) -> dict:
-    """The run's own fidelity on the input's first good rows, warned about here, before the run,
-    when under `job.min_rouge`. Skipped (`skipped` says why) with --method full or a sample of 0."""
-    skipped = {"rows": 0, "rouge_l": None, "degenerate": None, "wall_s": 0.0, "min_rouge": job.min_rouge,
-               "passed": None}
+def _quality_sample(job: CaptionJob, found: Input) -> list[dict] | dict:
+    """The quality sample's requests (the input's first good rows), or its metrics entry when none is
+    measured: with --method full (the reference itself) or --quality-sample 0."""
     if job.quality_sample == 0:
-        return {**skipped, "skipped": "--quality-sample 0"}
+        return sample.skipped(job, "--quality-sample 0")
     if job.method == "full":
-        return {**skipped, "skipped": "--method full is the reference: ROUGE-L 1.0 by definition"}
+        return sample.skipped(job, "--method full is the reference: ROUGE-L 1.0 by definition")
     requests = input_sample(job, found, job.quality_sample)
-    if not requests:
-        return {**skipped, "skipped": f"no good row among the input's first {SAMPLE_SCAN_FACTOR * job.quality_sample}"}
-    measured = _on_sample(job, requests, measure_fidelity)
-    if measured["rouge_l"] is None:
-        return {**skipped, **measured, "skipped": "the engine refused every sample row"}
-    quality = {**measured, "min_rouge": job.min_rouge, "passed": measured["rouge_l"] >= job.min_rouge}
-    if not quality["passed"]:
-        logger.warning(
-            "WARNING: on %d sample rows, %s at budget %g scores ROUGE-L %.3f against the full cache's captions, "
-            "under --min-rouge %g; %d of its %d sample captions are degenerate. These captions may be unusable: "
-            "consider a larger --budget or other --cache-option settings.",
-            quality["rows"], job.method, job.budget, quality["rouge_l"], job.min_rouge, quality["degenerate"],
-            quality["rows"])
-    return quality
+    return requests or sample.skipped(job, f"no good row among the input's first "
+                                           f"{SAMPLE_SCAN_FACTOR * job.quality_sample}")
 
 
-def _execute(job: CaptionJob, found: Input, ray_start_s: float, calibration: dict | None, quality: dict) -> dict:
+def _execute(job: CaptionJob, found: Input, ray_start_s: float, calibration: dict | None, quality: list | dict,
+             score) -> dict:
     out_fs, out_root = job.filesystem(job.output)
     done = finished_ids(out_fs, out_root) if job.resume else pa.array([], pa.string())
     earlier = _earlier_runs(job) if job.resume else []
     before = set(parquet_files(out_fs, out_root))
     stats = ActorStats.remote()
+    measured = isinstance(quality, list)  # else the entry saying why there is no sample
+    # the requests nested in a list: only the actor that measures them fetches them
+    to_measure = {"sample": [ray.put(quality)], "score": score} if measured else {}
+
+    def warn(result: dict) -> None:
+        if (text := sample.warning(job, sample.judged(job, result))) is not None:
+            logger.warning(text)
+
     try:
         started_at, start = time.time(), time.perf_counter()
-        with Progress(stats, found.rows - len(done), job.progress):
-            _write_captions(job, found, done, stats)
+        with Progress(stats, found.rows - len(done), job.progress, warn if measured else None):
+            _write_captions(job, found, done, stats, to_measure)
         wall = time.perf_counter() - start
         actors = ray.get(stats.snapshot.remote())
+        if measured:
+            quality = sample.judged(job, ray.get(stats.sample.remote()))
     finally:
         ray.kill(stats)
     files = parquet_files(out_fs, out_root)
@@ -195,7 +185,7 @@ def _earlier_runs(job: CaptionJob) -> list[dict]:
                                     "num_actors": earlier["num_actors"]}]
 
 
-def _write_captions(job: CaptionJob, found: Input, done: pa.Array, stats) -> None:
+def _write_captions(job: CaptionJob, found: Input, done: pa.Array, stats, to_measure: dict) -> None:
     """The Ray Data pipeline: read -> prepare -> process -> caption -> write_parquet."""
     in_fs, _ = job.filesystem(job.input)
     out_fs, out_root = job.filesystem(job.output)
@@ -221,6 +211,7 @@ def _write_captions(job: CaptionJob, found: Input, done: pa.Array, stats) -> Non
                              max_tasks_in_flight_per_actor=2 * job.batches_in_flight, enable_true_multi_threading=True)
     ds = ds.map_batches(Captioner, compute=pool, batch_size=job.batch_size, batch_format="pyarrow",
                         num_cpus=job.cpus_per_actor, num_gpus=job.gpus_per_actor or None,
-                        fn_constructor_kwargs={"job": job, "stats": stats}, udf_modifying_row_count=False)
+                        fn_constructor_kwargs={"job": job, "stats": stats, **to_measure},
+                        udf_modifying_row_count=False)
     ds.write_parquet(out_root, filesystem=PyFileSystem(FSSpecHandler(out_fs)), min_rows_per_file=job.rows_per_file)
 
