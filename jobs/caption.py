@@ -33,7 +33,7 @@ def calibrate(job: CaptionJob, requests: list[dict]) -> dict:
     `job.target_rouge` ROUGE-L against the full cache's. Runs as a Ray task (see `run`)."""
     from elastic_ray.eval.calibrate import choose_budget
     from elastic_ray.eval.samples import Sample
-    from elastic_ray.pipeline.actor import load_model
+    from elastic_ray.pipeline.captions import load_model
 
     model, processor = load_model(job)
     samples = [Sample(r["id"], r["image"], r["prompt"], "", "reference") for r in requests]
@@ -116,7 +116,7 @@ def main(argv=None) -> None:
     from elastic_ray.pipeline.console import DroppedLines
     from elastic_ray.pipeline.metrics import summary
     from elastic_ray.pipeline.run import run
-    from elastic_ray.report import caption_report, read_runs
+    from elastic_ray.report.inputs import read_runs
 
     try:
         extra = read_runs(args.report_with)
@@ -139,6 +139,8 @@ def main(argv=None) -> None:
               flush=True)
     print(summary(metrics, job), flush=True)
     if not args.no_report:
+        from elastic_ray.report import caption_report
+
         print(f"report {caption_report(metrics, job.metrics_path, job.output, extra)}", flush=True)
 
 

@@ -38,7 +38,7 @@ def main() -> None:
     import pyarrow.parquet as pq
     import torch
 
-    from elastic_ray.pipeline.actor import build_engine, sampling
+    from elastic_ray.pipeline.captions import build_engine, sampling
     from elastic_ray.pipeline.inputs import inspect_input
     from elastic_ray.pipeline.job import CaptionJob
     from elastic_ray.pipeline.prepare import pack, prepare, process, unpack

@@ -36,7 +36,7 @@ from elastic_ray.eval.sweep import Cell, run_cell
 from elastic_ray.models.loading import load
 from elastic_ray.models.prompts import prepare_request
 from elastic_ray.engine.engine import Engine
-from elastic_ray.pipeline.actor import Captions, build_engine, engine_config, sampling
+from elastic_ray.pipeline.captions import Captions, build_engine, engine_config, sampling
 from elastic_ray.pipeline.inputs import input_sample
 from elastic_ray.pipeline.job import CaptionJob, JobConfigError
 from elastic_ray.pipeline.output import finished_ids

@@ -1,28 +1,27 @@
 """Load a supported VLM and its processor by name, local path or hub id."""
 
+import functools
 from pathlib import Path
 
 import torch
-from transformers import (
-    AutoConfig,
-    AutoProcessor,
-    LlavaForConditionalGeneration,
-    Qwen2_5_VLForConditionalGeneration,
-    Qwen2_5_VLProcessor,
-    Qwen2VLForConditionalGeneration,
-    Qwen2VLProcessor,
-)
+import transformers
+from transformers import AutoConfig
 
 DEMO_DIR = Path(__file__).parent / "demo"
+# transformers' names for each model type: imported on first use (its processing and modeling code
+# costs seconds to import, which a job's driver, needing only configs, never pays)
 MODEL_CLASSES = {
-    "llava": LlavaForConditionalGeneration,
-    "qwen2_vl": Qwen2VLForConditionalGeneration,
-    "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration,
+    "llava": "LlavaForConditionalGeneration",
+    "qwen2_vl": "Qwen2VLForConditionalGeneration",
+    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
 }
+QWEN_PROCESSORS = {"qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor"}
 
 
-def _image_only(processor_cls):
+@functools.cache
+def image_only_processor(model_type: str):
     """A Qwen-VL processor class without its video half, which needs torchvision."""
+    processor_cls = getattr(transformers, QWEN_PROCESSORS[model_type])
 
     class ImageOnly(processor_cls):
         def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
@@ -30,9 +29,6 @@ def _image_only(processor_cls):
 
     ImageOnly.__name__ = ImageOnly.__qualname__ = f"ImageOnly{processor_cls.__name__}"
     return ImageOnly
-
-
-IMAGE_ONLY_PROCESSORS = {"qwen2_vl": _image_only(Qwen2VLProcessor), "qwen2_5_vl": _image_only(Qwen2_5_VLProcessor)}
 
 
 def resolve(name_or_path: str) -> str:
@@ -63,13 +59,13 @@ def check_local_model(name_or_path: str, max_tokens: int) -> None:
 def load_processor(path: str, model_type: str):
     """AutoProcessor; for Qwen-VL without torchvision (or a saved image-only one), the image half alone."""
     try:
-        processor = AutoProcessor.from_pretrained(path, trust_remote_code=False)
+        processor = transformers.AutoProcessor.from_pretrained(path, trust_remote_code=False)
     except (ImportError, AttributeError, TypeError, ValueError):
-        if model_type not in IMAGE_ONLY_PROCESSORS:
+        if model_type not in QWEN_PROCESSORS:
             raise
         processor = None
-    if getattr(processor, "image_processor", None) is None and model_type in IMAGE_ONLY_PROCESSORS:
-        processor = IMAGE_ONLY_PROCESSORS[model_type].from_pretrained(path)
+    if getattr(processor, "image_processor", None) is None and model_type in QWEN_PROCESSORS:
+        processor = image_only_processor(model_type).from_pretrained(path)
     if getattr(processor, "image_processor", None) is None:
         raise ValueError(f"{path} has no image processor")
     return processor
@@ -87,7 +83,7 @@ def load(
     config = AutoConfig.from_pretrained(path, trust_remote_code=False)
     if config.model_type not in MODEL_CLASSES:
         raise ValueError(f"unsupported model type {config.model_type!r}; supported: {sorted(MODEL_CLASSES)}")
-    model = MODEL_CLASSES[config.model_type].from_pretrained(
+    model = getattr(transformers, MODEL_CLASSES[config.model_type]).from_pretrained(
         path, dtype=dtype or "auto", attn_implementation=attn_implementation, trust_remote_code=False
     )
     if device is not None:

@@ -13,7 +13,9 @@ no Parquet footer and is deleted first. `run` writes `<output>.metrics.json` (me
     job.py      the settings and the checks before Ray starts
     inputs.py   input discovery, schema and row count; a sample of good rows
     prepare.py  the CPU stages: decode and validate each row, then the model's processor
-    actor.py    the caption actor: one engine loop fed by several batches at once
+    actor.py    the caption actor as Ray Data runs it, and its counters (no model code)
+    captions.py the caption step: one engine loop fed by several batches at once
+    sample.py   the quality sample, measured inside a caption actor
     output.py   the written files and resume
     run.py      the run itself
     progress.py the one progress line

@@ -18,10 +18,9 @@ from elastic_ray.pipeline.actor import ActorStats, Captioner
 from elastic_ray.pipeline.console import quiet_ray
 from elastic_ray.pipeline.inputs import SAMPLE_SCAN_FACTOR, Input, input_sample, inspect_input
 from elastic_ray.pipeline.job import CaptionJob, JobConfigError, check_settings
-from elastic_ray.pipeline.metrics import run_metrics, timings
+from elastic_ray.pipeline.metrics import quality_judged, quality_skipped, quality_warning, run_metrics, timings
 from elastic_ray.pipeline.output import check_output, finished_ids, parquet_files, read_files
 from elastic_ray.pipeline.prepare import prepare, process
-from elastic_ray.pipeline import sample
 from elastic_ray.pipeline.progress import Progress
 
 logger = logging.getLogger(__name__)
@@ -119,11 +118,11 @@ def _quality_sample(job: CaptionJob, found: Input) -> list[dict] | dict:
     """The quality sample's requests (the input's first good rows), or its metrics entry when none is
     measured: with --method full (the reference itself) or --quality-sample 0."""
     if job.quality_sample == 0:
-        return sample.skipped(job, "--quality-sample 0")
+        return quality_skipped(job, "--quality-sample 0")
     if job.method == "full":
-        return sample.skipped(job, "--method full is the reference: ROUGE-L 1.0 by definition")
+        return quality_skipped(job, "--method full is the reference: ROUGE-L 1.0 by definition")
     requests = input_sample(job, found, job.quality_sample)
-    return requests or sample.skipped(job, f"no good row among the input's first "
+    return requests or quality_skipped(job, f"no good row among the input's first "
                                            f"{SAMPLE_SCAN_FACTOR * job.quality_sample}")
 
 
@@ -139,7 +138,7 @@ def _execute(job: CaptionJob, found: Input, ray_start_s: float, calibration: dic
     to_measure = {"sample": [ray.put(quality)], "score": score} if measured else {}
 
     def warn(result: dict) -> None:
-        if (text := sample.warning(job, sample.judged(job, result))) is not None:
+        if (text := quality_warning(job, quality_judged(job, result))) is not None:
             logger.warning(text)
 
     try:
@@ -149,7 +148,7 @@ def _execute(job: CaptionJob, found: Input, ray_start_s: float, calibration: dic
         wall = time.perf_counter() - start
         actors = ray.get(stats.snapshot.remote())
         if measured:
-            quality = sample.judged(job, ray.get(stats.sample.remote()))
+            quality = quality_judged(job, ray.get(stats.sample.remote()))
     finally:
         ray.kill(stats)
     files = parquet_files(out_fs, out_root)

@@ -55,27 +55,3 @@ def measure_sample(loop: EngineLoop, engine: Engine, cache: CacheConfig, samplin
     scores = score([t for t, _ in both], [f for _, f in both]) if both else {"rouge_l": None}
     return {**scores, "rows": len(requests), "captioned": len(both), "wall_s": round(time.perf_counter() - start, 3)}
 
-
-def skipped(job, reason: str) -> dict:
-    """The metrics' `quality_sample` when none is measured, and why."""
-    return {"rows": 0, "rouge_l": None, "degenerate": None, "wall_s": 0.0, "min_rouge": job.min_rouge,
-            "passed": None, "skipped": reason}
-
-
-def judged(job, measured: dict | None) -> dict:
-    """The metrics' `quality_sample` from what the actor measured (None: it never reported)."""
-    if measured is None:
-        return skipped(job, "the actor measuring it stopped before it finished")
-    if measured["rouge_l"] is None:
-        return {**skipped(job, "the engine refused every sample row"), **measured}
-    return {**measured, "min_rouge": job.min_rouge, "passed": measured["rouge_l"] >= job.min_rouge}
-
-
-def warning(job, quality: dict) -> str | None:
-    """The loud warning for a sample under `--min-rouge`; None when it passed or was not measured."""
-    if quality["passed"] is not False:
-        return None
-    return (f"WARNING: on {quality['rows']} sample rows, {job.method} at budget {job.budget:g} scores ROUGE-L "
-            f"{quality['rouge_l']:.3f} against the full cache's captions, under --min-rouge {job.min_rouge:g}; "
-            f"{quality['degenerate']} of its {quality['captioned']} sample captions are degenerate. These captions "
-            "may be unusable: consider a larger --budget or other --cache-option settings.")
