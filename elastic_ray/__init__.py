@@ -1,8 +1,18 @@
-"""elastic-ray: vision-language models on a compressed (Elastic Cache) KV cache, at scale on Ray."""
+"""elastic-ray: vision-language models on a compressed (Elastic Cache) KV cache, at scale on Ray.
 
-from elastic_ray.lazy import lazy_exports
+The public names load on first use (PEP 562), so that importing a torch-free part of the package
+(the reports, the shapes data) does not import torch, and the jobs' `--help` stays quick.
+"""
 
-_EXPORTS = {"LLM": "elastic_ray.llm", "CacheConfig": "elastic_ray.config", "EngineConfig": "elastic_ray.config",
-            "RequestOutput": "elastic_ray.outputs", "SamplingParams": "elastic_ray.config"}
-__all__ = list(_EXPORTS)
-__getattr__ = lazy_exports(__name__, _EXPORTS)
+import importlib
+
+_HOMES = {"LLM": "elastic_ray.llm", "CacheConfig": "elastic_ray.config", "EngineConfig": "elastic_ray.config",
+          "SamplingParams": "elastic_ray.config", "RequestOutput": "elastic_ray.outputs"}
+
+__all__ = ["LLM", "CacheConfig", "EngineConfig", "RequestOutput", "SamplingParams"]
+
+
+def __getattr__(name: str):
+    if name not in _HOMES:
+        raise AttributeError(f"module 'elastic_ray' has no attribute {name!r}")
+    return getattr(importlib.import_module(_HOMES[name]), name)

@@ -13,11 +13,6 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
-
-from elastic_ray.benchmark import format_table, full_sequence_bytes, random_llava_15, run_benchmark
-from elastic_ray.models.loading import load
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -28,12 +23,17 @@ def main() -> None:
     budget = parser.add_mutually_exclusive_group()
     budget.add_argument("--full-sequences", type=int, default=4, help="KV budget: room for this many full-cache sequences")
     budget.add_argument("--kv-budget-bytes", type=int, help="KV budget in bytes")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     parser.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: float32 on CPU, bfloat16 on GPU)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     parser.add_argument("--out", default="out/benchmark", help="run directory for benchmark.json")
     args = parser.parse_args()
+    import torch  # after parsing: --help answers at once
 
+    from elastic_ray.benchmark import format_table, full_sequence_bytes, random_llava_15, run_benchmark
+    from elastic_ray.models.loading import load
+
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))

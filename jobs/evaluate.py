@@ -10,13 +10,8 @@ import argparse
 import time
 from pathlib import Path
 
-import torch
-
-from elastic_ray.eval.results import write_results
-from elastic_ray.eval.samples import parquet_samples, shapes_samples
-from elastic_ray.eval.sweep import grid, run_cell, sweep
-from elastic_ray.kv import METHODS
-from elastic_ray.models.loading import load
+# torch and Ray (and elastic_ray's modules that import them) are imported where used, after the
+# arguments parse, so that --help and a bad argument answer at once.
 
 ABLATIONS = {"positions": ["compact"], "merge": [False], "offset": [5, 10, 50], "protect": [16]}
 ABLATION_BUDGETS = [0.1, 0.2, 0.3, 0.5, 0.7, 0.9]
@@ -43,9 +38,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--ray", action="store_true", help="run the cells as parallel Ray tasks")
     parser.add_argument("--cpus-per-cell", type=float, default=1.0)
     parser.add_argument("--gpus-per-cell", type=float, default=0.0)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else None)
+    parser.add_argument("--device", default=None, help="default: cuda when available, else the CPU")
     parser.add_argument("--out", default="out/eval")
     args = parser.parse_args(argv)
+    import torch
+
+    from elastic_ray.kv import METHODS
+
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else None)
     unknown = sorted(set(args.methods.split(",")) - set(METHODS))
     if unknown:
         parser.error(f"unknown method(s) {unknown}; allowed: {sorted(METHODS)}")
@@ -55,6 +55,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def samples_of(args):
+    from elastic_ray.eval.samples import parquet_samples, shapes_samples
+
     if args.data:
         return parquet_samples(args.data, args.samples, id_column=args.id_column, image_column=args.image_column,
                                instruction_column=args.instruction_column, reference_column=args.reference_column)
@@ -64,6 +66,9 @@ def samples_of(args):
 def ray_runner(args):
     """Run cells as Ray tasks, each loading the model and the samples itself."""
     import ray
+
+    from elastic_ray.eval.sweep import run_cell
+    from elastic_ray.models.loading import load
 
     ray.init(include_dashboard=False)
 
@@ -77,6 +82,10 @@ def ray_runner(args):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    from elastic_ray.eval.results import write_results
+    from elastic_ray.eval.sweep import grid, sweep
+    from elastic_ray.models.loading import load
+
     model, processor = load(args.model, device=args.device)
     samples = samples_of(args)
     cells = grid(args.methods.split(","), args.budgets,

@@ -13,6 +13,8 @@ and its load average before and after, which shows other work sharing the machin
 and `<output>/requests.jsonl` (one line a request), and prints one line a policy.
 """
 
+from __future__ import annotations
+
 import argparse
 import asyncio
 import base64
@@ -24,10 +26,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-import httpx
-import numpy as np
-
-from elastic_ray.data.shapes import CAPTION_INSTRUCTION, make_scenes, png_bytes
+# httpx, numpy and the shapes data (PIL, pyarrow) are imported where used, after the arguments
+# parse, so that --help answers at once.
 
 
 def cache_arg(value: str) -> tuple[str, float]:
@@ -50,11 +50,15 @@ def parser() -> argparse.ArgumentParser:
 
 
 def data_urls(n: int) -> list[str]:
+    from elastic_ray.data.shapes import make_scenes, png_bytes
+
     return [f"data:image/png;base64,{base64.b64encode(png_bytes(s.image)).decode()}"
             for s in make_scenes(n, seed=0, split="test")]
 
 
 async def one(client: httpx.AsyncClient, model: str, url: str, method: str, budget: float, max_tokens: int) -> dict:
+    from elastic_ray.data.shapes import CAPTION_INSTRUCTION
+
     body = {"model": model, "temperature": 0.0, "max_tokens": max_tokens, "ignore_eos": True,
             "method": method, "budget": budget,
             "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
@@ -73,6 +77,8 @@ async def one(client: httpx.AsyncClient, model: str, url: str, method: str, budg
 
 async def run_policy(client, model, urls, method, budget, args) -> tuple[dict, list[dict]]:
     """Warm up, then send every url once with at most `concurrency` in flight; returns (summary, rows)."""
+    import numpy as np
+
     for url in urls[: args.warmup]:
         await one(client, model, url, method, budget, args.max_tokens)
     gate = asyncio.Semaphore(args.concurrency)
@@ -101,6 +107,8 @@ async def run_policy(client, model, urls, method, budget, args) -> tuple[dict, l
 
 
 async def measure(args) -> dict:
+    import httpx
+
     caches = args.cache or [("full", 1.0), ("elastic", 0.5)]
     urls = data_urls(args.requests)
     limits = httpx.Limits(max_connections=args.concurrency, max_keepalive_connections=args.concurrency)

@@ -1,6 +1,6 @@
 """Cost and throughput report from run directories: the caption job, the benchmark, the evaluation, the Serve load test.
 
-    python jobs/report.py out/captions out/eval out/benchmark --out out/report --hourly-price 2.5
+    python jobs/report.py out/captions out/eval out/benchmark --out out/report --gpu-hourly-price 2.5
 
 Writes OUT/report.json (every figure with the input file and field it follows from), OUT/report.md,
 OUT/report.html (self-contained) and the plots as PNG.
@@ -8,7 +8,7 @@ OUT/report.html (self-contained) and the plots as PNG.
 
 import argparse
 
-from elastic_ray.report import DEFAULT_HOURLY_PRICE, build, read_runs
+from elastic_ray.report import DEFAULT_PRICES, build, read_runs  # no torch, no Ray, no matplotlib yet
 
 
 def main(argv=None) -> None:
@@ -17,16 +17,19 @@ def main(argv=None) -> None:
                    help="a caption output folder or its .metrics.json, or a folder with benchmark.json, "
                         "results.json or load.json")
     p.add_argument("--out", required=True, help="folder to write the report to")
-    p.add_argument("--hourly-price", type=float, default=None,
-                   help=f"USD per actor-hour, per GPU-hour on GPU runs (default: {DEFAULT_HOURLY_PRICE}, assumed)")
+    p.add_argument("--gpu-hourly-price", type=float, default=None,
+                   help=f"USD per GPU-hour (default: {DEFAULT_PRICES['GPU']}, assumed)")
+    p.add_argument("--cpu-hourly-price", type=float, default=None,
+                   help=f"USD per CPU-hour, one core (default: {DEFAULT_PRICES['CPU']}, assumed)")
     args = p.parse_args(argv)
-    if args.hourly_price is not None and not args.hourly_price > 0:
-        p.error(f"--hourly-price must be positive, got {args.hourly_price}")
+    for flag, price in (("--gpu-hourly-price", args.gpu_hourly_price), ("--cpu-hourly-price", args.cpu_hourly_price)):
+        if price is not None and not price > 0:
+            p.error(f"{flag} must be positive, got {price}")
     try:
         runs = read_runs(args.runs)
     except (OSError, ValueError) as e:
         p.error(str(e))
-    print(f"wrote {build(runs, args.out, args.hourly_price)}")
+    print(f"wrote {build(runs, args.out, args.gpu_hourly_price, args.cpu_hourly_price)}")
 
 
 if __name__ == "__main__":

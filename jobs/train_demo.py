@@ -6,26 +6,22 @@
 
 import argparse
 
-from elastic_ray.models.demo_build import DEMO_DIR
-from elastic_ray.models.demo_train import TrainConfig, train_demo
+OVERRIDES = {"steps": int, "batch_size": int, "lr": float, "questions_per_image": int, "seed": int, "threads": int,
+             "log_every": int}
 
 
 def main() -> None:
-    defaults = TrainConfig()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=str(DEMO_DIR), help="output directory (HF format)")
-    parser.add_argument("--steps", type=int, default=defaults.steps)
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    parser.add_argument("--lr", type=float, default=defaults.lr)
-    parser.add_argument("--questions-per-image", type=int, default=defaults.questions_per_image)
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--threads", type=int, default=defaults.threads)
-    parser.add_argument("--log-every", type=int, default=defaults.log_every)
+    parser.add_argument("--out", help="output directory (HF format); default: the package's demo model folder")
+    for name, kind in OVERRIDES.items():
+        parser.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, help=f"override the recipe's {name}")
     args = parser.parse_args()
-    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                      questions_per_image=args.questions_per_image, seed=args.seed,
-                      threads=args.threads, log_every=args.log_every)
-    print(train_demo(args.out, cfg, log=lambda line: print(line, flush=True)))
+    # torch after parsing: --help answers at once
+    from elastic_ray.models.demo_build import DEMO_DIR
+    from elastic_ray.models.demo_train import TrainConfig, train_demo
+
+    cfg = TrainConfig(**{k: getattr(args, k) for k in OVERRIDES if getattr(args, k) is not None})
+    print(train_demo(args.out or str(DEMO_DIR), cfg, log=lambda line: print(line, flush=True)))
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from elastic_ray.models.synthetic import random_llava, random_qwen2_vl
+from processes import pytest_runtest_call, ray_temp_dir  # noqa: F401  (the suite's housekeeping: a hook, a fixture)
 
 INSTRUCTIONS = [
     "describe the image .",
@@ -43,7 +44,8 @@ def tiny_qwen25():
     return random_qwen2_vl(version="2.5", attn_implementation="sdpa")
 
 
-@pytest.fixture(scope="session", params=["llava", "qwen2_vl", "qwen2_5_vl"])
+# Qwen2.5-VL shares Qwen2-VL's text path (GQA, M-RoPE): its runs of the cross-model tests are slow-only.
+@pytest.fixture(scope="session", params=["llava", "qwen2_vl", pytest.param("qwen2_5_vl", marks=pytest.mark.slow)])
 def tiny_vlm(request):
     return request.getfixturevalue({"llava": "tiny_llava", "qwen2_vl": "tiny_qwen", "qwen2_5_vl": "tiny_qwen25"}[request.param])
 

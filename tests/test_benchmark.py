@@ -4,9 +4,12 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from elastic_ray.benchmark import ARMS, format_table, full_sequence_bytes, run_benchmark
 
 
+@pytest.mark.slow
 def test_every_arm_runs_the_same_work_within_the_same_budget(tiny_llava):
     model, processor = tiny_llava
     budget = 3 * full_sequence_bytes(model, processor, max_tokens=6)

@@ -4,6 +4,7 @@ and killed part-way then resumed into the same output."""
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -15,7 +16,10 @@ from pathlib import Path
 import pytest
 
 from captioning import ray_env, read_output, readable_ids, save_tiny_model
+from processes import Service
 from elastic_ray.data.shapes import write_shards
+
+pytestmark = pytest.mark.slow  # a Ray cluster and jobs in subprocesses
 
 REPO = Path(__file__).parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -32,45 +36,46 @@ def free_ports(n: int) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def head():
+def head_service(tmp_path_factory):
     """A head node from `ray start --head --block` in its own session, with a fresh auth token."""
     gcs, dashboard, client, agent_http, agent_grpc, metrics, runtime_env = free_ports(7)
     env = {**os.environ, **ray_env()}
     temp_dir = tempfile.mkdtemp(prefix="rayhead-", dir="/tmp")  # short: Ray's socket paths live under it
-    proc = subprocess.Popen(
-        [RAY, "start", "--head", "--block", "--num-cpus", "3", "--object-store-memory", str(128 * 2**20),
-         "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1", "--port", str(gcs),
-         "--dashboard-port", str(dashboard), "--ray-client-server-port", str(client),
-         "--dashboard-agent-listen-port", str(agent_http), "--dashboard-agent-grpc-port", str(agent_grpc),
-         "--metrics-export-port", str(metrics), "--runtime-env-agent-port", str(runtime_env),
-         "--temp-dir", temp_dir, "--disable-usage-stats"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
+    service = Service("ray start --head", [
+        RAY, "start", "--head", "--block", "--num-cpus", "3", "--object-store-memory", str(128 * 2**20),
+        "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1", "--port", str(gcs),
+        "--dashboard-port", str(dashboard), "--ray-client-server-port", str(client),
+        "--dashboard-agent-listen-port", str(agent_http), "--dashboard-agent-grpc-port", str(agent_grpc),
+        "--metrics-export-port", str(metrics), "--runtime-env-agent-port", str(runtime_env),
+        "--temp-dir", temp_dir, "--disable-usage-stats"], tmp_path_factory.mktemp("head") / "ray-start.log", env=env)
     address = f"http://127.0.0.1:{dashboard}"
-    deadline = time.time() + 90
-    while subprocess.run([RAY, "job", "list", "--address", address], env=env, capture_output=True).returncode:
-        assert proc.poll() is None and time.time() < deadline, "ray start --head did not come up"
-        time.sleep(1)
-    yield {"env": env, "gcs": f"127.0.0.1:{gcs}", "dashboard": address}
-    proc.send_signal(signal.SIGINT)  # --block stops the node's processes on interrupt
     try:
-        proc.wait(timeout=30)
+        service.wait_for(lambda: subprocess.run([RAY, "job", "list", "--address", address], env=env,
+                                                capture_output=True, timeout=60).returncode == 0, 180, "a job API")
+        yield {"env": env, "gcs": f"127.0.0.1:{gcs}", "dashboard": address, "service": service}
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        # On SIGINT --block stops the node's processes one by one, each given a second or two to exit
+        # (on a loaded machine, more than 30 s in all): then the rest of its group is killed.
+        service.stop(signal.SIGINT, grace=30)
+        shutil.rmtree(temp_dir, ignore_errors=True)  # the node's session: logs, sockets, spilled objects
+
+
+@pytest.fixture
+def head(head_service):
+    """The module's head node, checked before each test: a test after it died fails at once, with its log."""
+    head_service["service"].check()
+    return head_service
 
 
 @pytest.mark.slow
 def test_ray_job_submit_captions_the_demo_shards(head, tmp_path):
     write_shards(tmp_path / "in", 6, rows_per_shard=3)
     out = tmp_path / "out"
-    result = subprocess.run(
+    result = head["service"].run(
         [RAY, "job", "submit", "--address", head["dashboard"], "--working-dir", ".", "--",
          "python", "jobs/caption.py", "--input", str(tmp_path / "in"), "--output", str(out), "--max-tokens", "8",
          "--num-actors", "1", "--batch-size", "3"],
-        cwd=REPO, env=head["env"], capture_output=True, text=True, timeout=300,
+        timeout=300, cwd=REPO, env=head["env"],
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "captioned 6 rows (0 errors)" in result.stdout
@@ -102,16 +107,16 @@ def test_a_killed_run_resumes_with_every_id_exactly_once(head, tmp_path):
                              stderr=subprocess.DEVNULL)
     deadline = time.time() + 180
     while len(list(out.glob("*.parquet"))) < 3 and first.poll() is None and time.time() < deadline:
+        head["service"].check()
         time.sleep(0.2)
     first.send_signal(signal.SIGKILL)
     assert first.wait(timeout=30) == -signal.SIGKILL
     partial = len(readable_ids(str(out)))
     assert 0 < partial < 40
 
-    again = subprocess.run(command, cwd=REPO, env=head["env"], capture_output=True, text=True, timeout=300)
+    again = head["service"].run(command, timeout=300, cwd=REPO, env=head["env"])
     assert again.returncode == 2 and "pass --resume" in again.stderr
-    resumed = subprocess.run(command + ["--resume"], cwd=REPO, env=head["env"], capture_output=True, text=True,
-                             timeout=300)
+    resumed = head["service"].run(command + ["--resume"], timeout=300, cwd=REPO, env=head["env"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     ids = read_output(str(out)).column("id").to_pylist()
     assert sorted(ids) == [f"test-0-{i:06d}" for i in range(40)]

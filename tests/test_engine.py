@@ -88,6 +88,7 @@ def test_memory_budget_as_a_fraction_of_free_memory(tiny_llava):
     assert 0 < small.kv_budget_bytes < large.kv_budget_bytes and small.num_slots < large.num_slots
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method,budget,options", METHODS)
 def test_no_slot_outgrows_its_size_and_peak_kv_stays_within_the_allocation(method, budget, options, tiny_llava, images):
     policy = CacheConfig(method, budget, **options).policy

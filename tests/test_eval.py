@@ -59,6 +59,7 @@ def test_teacher_forced_logprobs_equal_one_plain_forward_over_prompt_and_answer(
     assert result_cell["ppl"] == pytest.approx(math.exp(nll.item()), rel=1e-4)
 
 
+@pytest.mark.slow  # sweeps several cells
 def test_a_tiny_sweep_end_to_end(tiny_llava, tmp_path):
     model, processor = tiny_llava
     samples = shapes_samples(2)
@@ -84,6 +85,7 @@ def test_a_tiny_sweep_end_to_end(tiny_llava, tmp_path):
         assert Image.open(png).size == (720, 480)
 
 
+@pytest.mark.slow  # sweeps several cells
 def test_bring_your_own_parquet_runs_the_same_way(tiny_llava, tmp_path):
     from elastic_ray.data.shapes import write_shards
 
@@ -96,12 +98,14 @@ def test_bring_your_own_parquet_runs_the_same_way(tiny_llava, tmp_path):
         parquet_samples(str(tmp_path / "data"), reference_column="answer")
 
 
+@pytest.mark.slow  # jobs/evaluate.py in a subprocess
 def test_the_job_rejects_bad_arguments_before_loading_anything():
     for bad in (["--methods", "elastic,lru"], ["--budgets", "0.5,1.5"]):
         run = subprocess.run([sys.executable, "jobs/evaluate.py", *bad], capture_output=True, text=True)
         assert run.returncode == 2 and "error:" in run.stderr
 
 
+@pytest.mark.slow  # captions at budget after budget
 def test_auto_budget_picks_the_smallest_budget_meeting_the_target(tiny_llava):
     from elastic_ray.eval.calibrate import choose_budget
 

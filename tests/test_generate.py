@@ -72,6 +72,7 @@ def test_compact_positions_are_refused_for_m_rope_models(tiny_qwen, images):
         generate_compressed(tiny_qwen[0], encode(tiny_qwen, images), make_policy("elastic", 0.5, positions="compact"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method,options", [("elastic", {"merge": False}), ("streaming", {})])
 @pytest.mark.parametrize("fixture", ["tiny_llava", "tiny_llava_eager"])
 def test_eviction_only_methods_equal_a_full_cache_that_masks_the_dropped_columns(method, options, fixture, request, images):
@@ -142,6 +143,7 @@ def _masked_reference(model, inputs, sequences, held):
     return logits
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method,options", METHODS + [("full", {})])
 def test_cache_length_is_c0_after_the_prompt_and_follows_the_rule_while_decoding(method, options, tiny_llava, images):
     inputs = encode(tiny_llava, images)

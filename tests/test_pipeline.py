@@ -27,6 +27,7 @@ from captioning import (
     LONG_INSTRUCTION, MAX_PIXELS, bad_rows, check_errors, errors_by_id, good_rows, png, ray_env, read_output, save_tiny_model,
     write_rows,
 )
+from processes import Service
 from elastic_ray import CacheConfig
 from elastic_ray.data.images import decode_image
 from elastic_ray.data.shapes import CAPTION_INSTRUCTION, write_shards
@@ -111,6 +112,7 @@ def test_a_non_empty_output_needs_resume(shards, tmp_path):
     (["--cache-option", "protect=high"], "bad cache settings: elastic option protect must be int, got 'high'"),
     (["--kv-cache-memory", "lots"], "argument --kv-cache-memory: bytes (an integer) or a fraction"),
 ])
+@pytest.mark.slow
 def test_cli_refuses_bad_arguments_before_starting_ray(shards, tmp_path, args, message):
     result = subprocess.run(
         [sys.executable, "jobs/caption.py", "--input", shards, "--output", str(tmp_path / "out"), *args],
@@ -332,18 +334,29 @@ S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "A
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    """tests/two_node_cluster.py in its own process; yields its address, raylet pids and client env."""
+def cluster_service(tmp_path_factory):
+    """tests/two_node_cluster.py in its own process; yields it with its address, raylet pids and client env."""
     env = {**os.environ, **ray_env(), **S3_ENV}
-    proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("two_node_cluster.py"))], env=env,
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    info = json.loads(proc.stdout.readline())
-    yield {**info, "env": env}
-    proc.stdin.close()
+    log = tmp_path_factory.mktemp("cluster") / "cluster.log"
+    service = Service("the two-node Ray cluster",
+                      [sys.executable, str(Path(__file__).with_name("two_node_cluster.py"))], log, env=env,
+                      stdin=subprocess.PIPE, text=True)
     try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+        line = service.wait_for(lambda: next((l for l in log.read_text().splitlines() if l.startswith('{"address"')),
+                                             None), 180, "its address")
+        info = json.loads(line)
+        service.pids = info["raylets"]
+        yield {**info, "env": env, "service": service}
+    finally:
+        service.proc.stdin.close()  # its signal to shut the cluster down
+        service.stop(sig=None, grace=60)
+
+
+@pytest.fixture
+def cluster(cluster_service):
+    """The module's cluster, checked before each test: a test after it died fails at once, with its log."""
+    cluster_service["service"].check()
+    return cluster_service
 
 
 def caption_command(cluster, *args) -> list[str]:
@@ -354,8 +367,7 @@ def caption_command(cluster, *args) -> list[str]:
 
 
 def caption(cluster, *args) -> subprocess.CompletedProcess:
-    result = subprocess.run(caption_command(cluster, *args), cwd=REPO, env=cluster["env"], capture_output=True,
-                            text=True, timeout=300)
+    result = cluster["service"].run(caption_command(cluster, *args), timeout=300, cwd=REPO, env=cluster["env"])
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     return result
 
@@ -439,12 +451,13 @@ def test_a_killed_actor_is_replaced_and_every_row_still_arrives(cluster, tiny_mo
         cwd=REPO, env=cluster["env"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 180
     while not list(out.glob("*.parquet")) and job.poll() is None and time.time() < deadline:
+        cluster["service"].check()
         time.sleep(0.05)
     victims = _captioner_pids(cluster["raylets"])
     assert len(victims) == 2 and job.poll() is None, "the run ended before an actor could be killed"
     os.kill(victims[0], signal.SIGKILL)  # both actors are working: the pool starts once all are up
-    stdout, stderr = job.communicate(timeout=300)
-    assert job.returncode == 0, stderr[-4000:]
+    finished = cluster["service"].communicate(job, timeout=300)
+    assert finished.returncode == 0, finished.stderr[-4000:]
     table = read_output(str(out))
     assert sorted(table.column("id").to_pylist()) == sorted([f"{i:02d}.png" for i in range(60)] + ["broken.png"])
     assert errors_by_id(table)["broken.png"].startswith("undecodable")
@@ -474,23 +487,26 @@ def test_a_resume_after_the_input_grew_records_the_whole_output_and_every_run(cl
 
 
 @pytest.fixture(scope="module")
-def s3_server():
+def s3_server(tmp_path_factory):
     """A moto S3 server on 127.0.0.1 in its own process; yields the endpoint URL."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **S3_ENV})
-    deadline = time.time() + 30
-    while time.time() < deadline:
+    server = Service("the moto S3 server", [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                     tmp_path_factory.mktemp("s3") / "moto.log", env={**os.environ, **S3_ENV})
+
+    def listening() -> bool:
         try:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
+            return True
         except OSError:
-            time.sleep(0.2)
-    yield f"http://127.0.0.1:{port}"
-    server.terminate()
-    server.wait(timeout=10)
+            return False
+
+    try:
+        server.wait_for(listening, 60, "a listening port")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop(grace=10)
 
 
 @pytest.mark.slow

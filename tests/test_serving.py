@@ -15,7 +15,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -30,7 +29,10 @@ from elastic_ray.data.shapes import CAPTION_INSTRUCTION, make_scenes, png_bytes
 from elastic_ray.models.loading import load
 from elastic_ray.serving import ServeConfig, parse_request, prepare, settled_text
 from conftest import http_image_server
+from processes import Service
 from test_images import png_header_only
+
+pytestmark = pytest.mark.slow  # One Ray and Serve for the module (jobs/serve.py)
 
 REPO = Path(__file__).parents[1]
 MAX_TOKENS = 24
@@ -67,56 +69,52 @@ def image_server(scenes):
         yield url
 
 
-def start_serve_job(args: list[str], env: dict, log: Path) -> tuple[subprocess.Popen, str]:
+def start_serve_job(args: list[str], env: dict, log: Path) -> tuple[Service, str]:
     """jobs/serve.py in its own session; returns it and its "serving ..." line once it serves."""
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "jobs/serve.py", *args], cwd=REPO, env=env, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        line = next((l for l in log.read_text().splitlines() if l.startswith("serving ")), None)
-        if line:
-            return proc, line
-        time.sleep(0.5)
-    stop(proc)
-    raise AssertionError(f"jobs/serve.py {' '.join(args)} did not come up:\n{log.read_text()[-5000:]}")
-
-
-def stop(proc: subprocess.Popen) -> int:
-    """SIGTERM, as a process manager would; kills the session if it does not stop in time."""
-    proc.send_signal(signal.SIGTERM)
+    job = Service(f"jobs/serve.py {' '.join(args)}", [sys.executable, "jobs/serve.py", *args], log, cwd=REPO, env=env)
     try:
-        return proc.wait(timeout=60)
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        line = job.wait_for(lambda: next((l for l in log.read_text().splitlines() if l.startswith("serving ")), None),
+                            240, 'its "serving" line')
+    except BaseException:
+        job.stop()
+        raise
+    return job, line
 
 
 @pytest.fixture(scope="module")
-def server(image_server, tmp_path_factory):
+def serve_jobs(image_server, tmp_path_factory):
     """jobs/serve.py on a new local Ray (token auth on) serving `/`, and a second jobs/serve.py that
-    attaches to that Ray and serves `/tight`; yields the base URL."""
+    attaches to that Ray and serves `/tight`; yields them and the base URL."""
     logs = tmp_path_factory.mktemp("serve-logs")
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
-           "RAY_USAGE_STATS_ENABLED": "0", "RAY_TMPDIR": tempfile.mkdtemp(prefix="rs-", dir="/tmp")}
+           "RAY_USAGE_STATS_ENABLED": "0"}
     port = free_port()
     common = ["--port", str(port), "--max-tokens", str(MAX_TOKENS), "--kv-cache-memory", str(KV_MEMORY),
               "--max-pixels", "1000000"]
     main, line = start_serve_job([*common, "--max-num-seqs", "8", "--max-queued-requests", "32",
                                   "--allow-images-from", f"{image_server}/allowed/"], env, logs / "main.log")
-    url, tight = f"http://127.0.0.1:{port}", None
+    url, jobs = f"http://127.0.0.1:{port}", [main]
     try:
         assert line.startswith(f"serving demo at {url}/v1 on the Ray at "), line
         tight, _ = start_serve_job([*common, "--address", line.split("on the Ray at ")[1].split()[0], "--name", "tight",
                                     "--route-prefix", "/tight", "--max-num-seqs", "1", "--max-ongoing-requests", "1",
                                     "--max-queued-requests", "1", "--max-tokens", str(TIGHT_MAX_TOKENS)],
                                    env, logs / "tight.log")
-        yield url
+        jobs.insert(0, tight)
+        yield jobs, url
     finally:
-        codes = [stop(proc) for proc in (tight, main) if proc is not None]
+        codes = [job.stop(signal.SIGTERM, grace=60) for job in jobs]  # as a process manager would
     assert codes == [0] * len(codes), [(logs / name).read_text()[-3000:] for name in ("tight.log", "main.log")]
+
+
+@pytest.fixture
+def server(serve_jobs):
+    """The module's base URL, its servers checked before each test: a test after one died fails at
+    once, with its log."""
+    jobs, url = serve_jobs
+    for job in jobs:
+        job.check()
+    return url
 
 
 @pytest.fixture(scope="module")

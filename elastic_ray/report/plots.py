@@ -1,5 +1,6 @@
 """The report's plots (matplotlib, Agg, PNG): throughput and quality against budget, cost per method.
-Each plot is drawn only from known figures, and returns the points it drew with their rows."""
+Each plot is drawn only from known figures and only with two points or more; it returns the points
+it drew with their rows, or the sentence that stands in for it."""
 
 from pathlib import Path
 
@@ -19,15 +20,17 @@ def _save(fig, path: Path) -> None:
     plt.close(fig)
 
 
-def throughput(rows: list[Row], path: Path) -> list[dict] | None:
+def throughput(rows: list[Row], path: Path) -> list[dict] | str:
     """Generated tokens/s against budget, one line per run and method."""
     series: dict[tuple[str, str], list[tuple[float, float]]] = {}
     for row in rows:
         if row.figures["tokens_per_s"].known:
             key = (f"{row.kind}: {row.model}", row.method)
             series.setdefault(key, []).append((row.budget, row.figures["tokens_per_s"].value))
-    if not series:
-        return None
+    budgets = sorted({b for points in series.values() for b, _ in points})
+    if len(budgets) < 2:
+        measured_at = f"at budget {budgets[0]:g} only" if budgets else "nowhere"
+        return f"the inputs measure generated tokens/s {measured_at}; the table holds it"
     fig, ax = plt.subplots(figsize=(6.5, 4), dpi=110)
     for (run, method), points in sorted(series.items()):
         points.sort()
@@ -41,15 +44,16 @@ def throughput(rows: list[Row], path: Path) -> list[dict] | None:
             for (run, method), points in sorted(series.items()) for b, t in points]
 
 
-def quality(evaluations: dict[str, Run], path: Path) -> list[dict] | None:
+def quality(evaluations: dict[str, Run], path: Path) -> list[dict] | str:
     """ROUGE-L (vs the full cache) and task accuracy against budget, per method, from the latest
     evaluation of each model."""
     points = [{"model": model, "method": cell["method"], "budget": cell["budget"], "metric": metric,
                "value": cell[metric], "source": run.source, "field": f"cells[{i}].{metric}"}
               for model, run in sorted(evaluations.items()) for i, cell in default_cells(run)
               for metric in ("rouge_l", "accuracy") if cell.get(metric) is not None]
-    if not points:
-        return None
+    if len({p["budget"] for p in points}) < 2:
+        return ("no evaluation among the inputs" if not evaluations else
+                "the evaluations among the inputs score fewer than two budgets; the tables hold them")
     metrics = [m for m in ("rouge_l", "accuracy") if any(p["metric"] == m for p in points)]
     fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4), dpi=110, squeeze=False)
     for ax, metric in zip(axes[0], metrics):
@@ -66,12 +70,13 @@ def quality(evaluations: dict[str, Run], path: Path) -> list[dict] | None:
     return points
 
 
-def cost(rows: list[Row], path: Path) -> list[dict] | None:
+def cost(rows: list[Row], path: Path) -> list[dict] | str:
     """Cost per 1M captions for every row where it is known, grouped by method."""
     known = sorted((row for row in rows if row.figures["cost_per_million_captions"].known),
                    key=lambda r: (r.method, r.budget, r.label))
-    if not known:
-        return None
+    if len(known) < 2:
+        return ("no input has a known cost (device-hours and rows)" if not known else
+                f"one row has a known cost ({known[0].label}); the headline holds it")
     fig, ax = plt.subplots(figsize=(8, 0.5 * len(known) + 1.5), dpi=110)
     methods = sorted({r.method for r in known})
     colors = {m: f"C{i}" for i, m in enumerate(methods)}
@@ -81,10 +86,10 @@ def cost(rows: list[Row], path: Path) -> list[dict] | None:
     ax.invert_yaxis()
     if max(values) > 50 * min(values):
         ax.set_xscale("log")
-    ax.set_xlabel(f"USD per 1M captions at {known[0].figures['hourly_price'].value:g} USD/hour (assumed)")
+    ax.set_xlabel("USD per 1M captions, at the assumed price of each row's device kind")
     ax.grid(axis="x", alpha=0.3)
     _save(fig, path)
-    return [{"row": r.label, "source": r.source, "method": r.method, "budget": r.budget, "value": v}
+    return [{"row": r.label, "source": r.source, "method": r.method, "budget": r.budget, "device": r.device, "value": v}
             for r, v in zip(known, values)]
 
 
@@ -97,9 +102,6 @@ def draw_all(rows: list[Row], evaluations: dict[str, Run], out: Path) -> dict[st
     drawn = {"throughput_vs_budget": throughput(rows, out / "throughput_vs_budget.png"),
              "quality_vs_budget": quality(evaluations, out / "quality_vs_budget.png"),
              "cost_per_method": cost(rows, out / "cost_per_method.png")}
-    missing = {"throughput_vs_budget": "no input measured generated tokens/s",
-               "quality_vs_budget": "no evaluation among the inputs",
-               "cost_per_method": "no input has a known cost (actor-hours and rows)"}
-    return {name: ({"title": PLOTS[name], "file": f"{name}.png", "points": points} if points is not None
-                   else {"title": PLOTS[name], "file": None, "reason": missing[name]})
-            for name, points in drawn.items()}
+    return {name: ({"title": PLOTS[name], "file": None, "reason": drawn} if isinstance(drawn, str)
+                   else {"title": PLOTS[name], "file": f"{name}.png", "points": drawn})
+            for name, drawn in drawn.items()}
