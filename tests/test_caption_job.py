@@ -67,7 +67,6 @@ def head(head_service):
     return head_service
 
 
-@pytest.mark.slow
 def test_ray_job_submit_captions_the_demo_shards(head, tmp_path):
     write_shards(tmp_path / "in", 6, rows_per_shard=3)
     out = tmp_path / "out"
@@ -86,7 +85,6 @@ def test_ray_job_submit_captions_the_demo_shards(head, tmp_path):
     assert metrics["rows"] == 6 and metrics["errors"] == 0 and metrics["output_tokens"] > 0
 
 
-@pytest.mark.slow
 def test_with_a_wrong_token_the_cluster_refuses(head):
     env = {**head["env"], "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     result = subprocess.run([RAY, "job", "list", "--address", head["dashboard"]], env=env, capture_output=True,
@@ -95,7 +93,6 @@ def test_with_a_wrong_token_the_cluster_refuses(head):
     assert "Invalid authentication token" in result.stderr
 
 
-@pytest.mark.slow
 def test_a_killed_run_resumes_with_every_id_exactly_once(head, tmp_path):
     model = save_tiny_model(tmp_path / "model")
     write_shards(tmp_path / "in", 40, rows_per_shard=20)
@@ -123,9 +120,9 @@ def test_a_killed_run_resumes_with_every_id_exactly_once(head, tmp_path):
     metrics_file = tmp_path / "out.metrics.json"
     metrics = json.loads(metrics_file.read_text())
     # the metrics are the whole output's; this run's rows and rate apart; the killed run left no record
-    assert metrics["resumed_rows"] >= partial and metrics["rows_this_run"] == 40 - metrics["resumed_rows"]
+    assert metrics["resumed_rows"] >= partial and metrics["this_run"]["rows"] == 40 - metrics["resumed_rows"]
     assert (metrics["rows"], metrics["rows_in"], metrics["rows_out"], metrics["unique_ids"]) == (40, 40, 40, 40)
-    assert [r["rows"] for r in metrics["runs"]] == [metrics["rows_this_run"]]
+    assert [r["rows"] for r in metrics["runs"]] == [metrics["this_run"]["rows"]]
 
     # resuming the finished output: said so, exit 0, nothing touched, no Ray (nothing listens at port 1)
     before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in tmp_path.rglob("*") if p.is_file()}

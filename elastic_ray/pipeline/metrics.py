@@ -12,10 +12,11 @@ from elastic_ray.pipeline.job import CaptionJob
 
 def run_metrics(job: CaptionJob, found: Input, output: pa.Table, this_run: pa.Table, resumed: int, wall: float,
                 actors: dict) -> dict:
-    """The run's measured numbers, from the output's files: row, token, KV and latency figures
-    over the whole output (earlier runs' rows too, after a resume); rates over this run's rows
-    (`rows_this_run`) and `wall_s`. Per actor: its counters, `occupancy` (busy slots per decode
-    step over slots) and `wait_s` (seconds its engine waited for rows)."""
+    """The run's measured numbers, from the output's files: row, token, KV and latency figures over
+    the whole output (earlier runs' rows too, after a resume); `this_run`: this run's rows, errors
+    and tokens, over which the rates (`rows_per_s`, `output_tokens_per_s`) and `wall_s` are
+    counted. Per actor: its counters, `occupancy` (busy slots per decode step over slots) and
+    `wait_s` (seconds its engine waited for rows)."""
     captioned = output.filter(pc.is_null(output.column("error")))
     captioned_now = this_run.filter(pc.is_null(this_run.column("error")))
     ids = output.column("id")
@@ -29,8 +30,10 @@ def run_metrics(job: CaptionJob, found: Input, output: pa.Table, this_run: pa.Ta
         "rows": output.num_rows,
         "errors": output.num_rows - captioned.num_rows,
         "rows_in": found.rows, "rows_out": len(ids), "unique_ids": pc.count_distinct(ids).as_py(),
-        "null_ids": ids.null_count, "resumed_rows": resumed, "rows_this_run": this_run.num_rows,
-        "errors_this_run": this_run.num_rows - captioned_now.num_rows,
+        "null_ids": ids.null_count, "resumed_rows": resumed,
+        "this_run": {"rows": this_run.num_rows, "errors": this_run.num_rows - captioned_now.num_rows,
+                     "prompt_tokens": _sum(captioned_now, "prompt_tokens"),
+                     "output_tokens": _sum(captioned_now, "output_tokens")},
         "wall_s": round(wall, 3),
         "rows_per_s": round(this_run.num_rows / wall, 3),
         "prompt_tokens": _sum(captioned, "prompt_tokens"), "output_tokens": _sum(captioned, "output_tokens"),
@@ -96,7 +99,8 @@ def _mean(values: list) -> float | None:
 def summary(metrics: dict, job: CaptionJob) -> str:
     """The one line the job prints at the end."""
     resumed = f", {metrics['resumed_rows']} earlier" if metrics["resumed_rows"] else ""
-    return (f"captioned {metrics['rows_this_run']} rows ({metrics['errors_this_run']} errors{resumed}) in "
+    run = metrics["this_run"]
+    return (f"captioned {run['rows']} rows ({run['errors']} errors{resumed}) in "
             f"{metrics['wall_s']:.1f} s: {metrics['rows_per_s']:.2f} rows/s, "
             f"{metrics['output_tokens_per_s']:.1f} generated tokens/s, {metrics['num_actors']} actors, "
             f"{fidelity(metrics['quality_sample'])}; output {job.output}, metrics {job.metrics_path}")
@@ -118,12 +122,13 @@ def quality_skipped(job: CaptionJob, reason: str) -> dict:
 
 
 def quality_judged(job: CaptionJob, measured: dict | None) -> dict:
-    """The metrics' `quality_sample` from what the actor measured (None: it never reported)."""
+    """The metrics' `quality_sample` from what the actor measured (None: it never reported); `in_run`:
+    its seconds were spent inside the run's wall time, on a caption actor."""
     if measured is None:
         return quality_skipped(job, "the actor measuring it stopped before it finished")
     if measured["rouge_l"] is None:
-        return {**quality_skipped(job, "the engine refused every sample row"), **measured}
-    return {**measured, "min_rouge": job.min_rouge, "passed": measured["rouge_l"] >= job.min_rouge}
+        return {**quality_skipped(job, "the engine refused every sample row"), **measured, "in_run": True}
+    return {**measured, "min_rouge": job.min_rouge, "passed": measured["rouge_l"] >= job.min_rouge, "in_run": True}
 
 
 def quality_warning(job: CaptionJob, quality: dict) -> str | None:

@@ -161,7 +161,7 @@ def _execute(job: CaptionJob, found: Input, ray_start_s: float, calibration: dic
     if calibration is not None:
         metrics["budget_calibration"] = calibration
     metrics["runs"] = earlier + [{
-        "rows": metrics["rows_this_run"], "wall_s": metrics["wall_s"], "num_actors": metrics["num_actors"],
+        "rows": metrics["this_run"]["rows"], "wall_s": metrics["wall_s"], "num_actors": metrics["num_actors"],
         "gpus_per_actor": job.gpus_per_actor, "cpus_per_actor": job.cpus_per_actor,
         "calibration_s": calibration["wall_s"] if calibration else 0.0, "quality_sample_s": quality["wall_s"]}]
     with out_fs.open(out_root.rstrip("/") + ".metrics.json", "w") as f:
