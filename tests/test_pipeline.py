@@ -380,11 +380,12 @@ def test_run_on_two_nodes_flags_bad_rows_and_writes_each_id_once(cluster, tiny_m
     assert (metrics["rows"], metrics["errors"], metrics["rows_in"], metrics["rows_out"]) == (25, 10, 25, 25)
     assert metrics["output_tokens"] == sum(v for v in table.column("output_tokens").to_pylist() if v)
     assert metrics["rows_per_s"] > 0 and 0 < metrics["kv_bytes_per_seq"] < metrics["kv_bytes_full_per_seq"]
-    assert metrics["num_actors"] == 2 and metrics["nodes"] == 2
-    assert all(a["rows"] > 0 and a["starts"] == 1 for a in metrics["actors"])
+    assert metrics["num_actors"] == 2 and metrics["nodes"] == 2  # an actor on each node
+    assert all(a["starts"] == 1 for a in metrics["actors"])
     assert sum(a["rows"] for a in metrics["actors"]) == 25
     # occupancy and waiting per actor, the fixed cost apart from the steady rate
-    assert all(0 < a["occupancy"] <= 1 and a["wait_s"] >= 0 and a["decode_steps"] > 0 for a in metrics["actors"])
+    assert all(a["occupancy"] is None or 0 < a["occupancy"] <= 1 for a in metrics["actors"])
+    assert all(a["wait_s"] >= 0 for a in metrics["actors"])
     busy, slot_steps = (sum(a[k] for a in metrics["actors"]) for k in ("busy_slots", "slot_steps"))
     assert metrics["occupancy"] == round(busy / slot_steps, 4)
     t = metrics["timings"]
@@ -412,18 +413,19 @@ def test_run_on_two_nodes_flags_bad_rows_and_writes_each_id_once(cluster, tiny_m
     assert not any("core_worker.cc" in line or "Progress bars" in line for line in lines), lines
 
 
-def _captioner_pids(raylets: list[int]) -> list[int]:
-    """Caption actor processes under these raylets (Ray titles them after the UDF)."""
-    pids = []
+def _captioners(raylets: list[int]) -> dict[int, bool]:
+    """Caption actor processes under these raylets (Ray titles them after the UDF), and whether each
+    has been constructed (while its constructor runs, Ray titles it `...Captioner)).__init__`)."""
+    found = {}
     for entry in filter(str.isdigit, os.listdir("/proc")):
         try:
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+            title = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")[0]
             parent = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
         except (FileNotFoundError, ProcessLookupError):  # the process has just exited
             continue
-        if b"Captioner" in cmdline and parent in raylets:
-            pids.append(int(entry))
-    return pids
+        if b"Captioner" in title and parent in raylets:
+            found[int(entry)] = not title.endswith(b".__init__")
+    return found
 
 
 @pytest.mark.slow
@@ -438,12 +440,14 @@ def test_a_killed_actor_is_replaced_and_every_row_still_arrives(cluster, tiny_mo
                         "--max-tokens", 64, "--num-actors", 2, "--batch-size", 2, "--rows-per-file", 2),
         cwd=REPO, env=cluster["env"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 180
-    while not list(out.glob("*.parquet")) and job.poll() is None and time.time() < deadline:
+    # rows are written and both actors are constructed (the first rows go to the first actor up)
+    while (not list(out.glob("*.parquet")) or sorted(_captioners(cluster["raylets"]).values()) != [True, True]) \
+            and job.poll() is None and time.time() < deadline:
         cluster["service"].check()
         time.sleep(0.05)
-    victims = _captioner_pids(cluster["raylets"])
+    victims = list(_captioners(cluster["raylets"]))
     assert len(victims) == 2 and job.poll() is None, "the run ended before an actor could be killed"
-    os.kill(victims[0], signal.SIGKILL)  # both actors are working: the pool starts once all are up
+    os.kill(victims[0], signal.SIGKILL)
     finished = cluster["service"].communicate(job, timeout=300)
     assert finished.returncode == 0, finished.stderr[-4000:]
     table = read_output(str(out))

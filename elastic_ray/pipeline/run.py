@@ -25,8 +25,6 @@ from elastic_ray.pipeline.progress import Progress
 
 logger = logging.getLogger(__name__)
 
-ACTOR_START_TIMEOUT_S = 600
-
 
 def check(job: CaptionJob) -> Input:
     """Validate every argument and inspect the input (schema, row count) and output; no Ray."""
@@ -190,9 +188,10 @@ def _write_captions(job: CaptionJob, found: Input, done: pa.Array, stats, to_mea
     out_fs, out_root = job.filesystem(job.output)
     context = DataContext.get_current()
     context.enable_progress_bars = False  # `Progress` prints one line instead
-    # Start only once the whole pool is up: work spreads over every actor, and a pool the cluster
-    # cannot place fails with a timeout instead of waiting silently.
-    context.wait_for_min_actors_s = ACTOR_START_TIMEOUT_S
+    # Not `wait_for_min_actors_s`: Ray Data's start would block on the actors' model loading before
+    # any read task ran, so the CPU stages (and their processor's load) would follow it instead of
+    # overlapping it. A pool the cluster cannot place still fails, by Ray Data's no-progress guard
+    # (`execution_no_progress_timeout_s`, 30 minutes by default).
     source = PyFileSystem(FSSpecHandler(in_fs))
     if found.format == "parquet":
         ds = ray.data.read_parquet(found.files, filesystem=source).select_columns(found.columns)
@@ -204,10 +203,11 @@ def _write_captions(job: CaptionJob, found: Input, done: pa.Array, stats, to_mea
     ds = ds.map_batches(process, batch_size=job.batch_size, batch_format="pyarrow", fn_kwargs={"job": job})
     # Blocks of one batch each, so every actor gets work however few and large the input files are.
     ds = ds.repartition(target_num_rows_per_block=job.batch_size)
-    # Each actor runs `batches_in_flight` calls at once, on threads that share its engine loop, and
-    # holds as many more queued, so a batch is always ready when one returns.
+    # Each actor runs `batches_in_flight` calls at once, on threads that share its engine loop: their
+    # rows queue in the loop, so a returning batch never leaves a slot idle, and no more are sent,
+    # so the first actor up takes no more than that before the others are.
     pool = ActorPoolStrategy(size=job.num_actors, max_concurrent_calls_per_actor=job.batches_in_flight,
-                             max_tasks_in_flight_per_actor=2 * job.batches_in_flight, enable_true_multi_threading=True)
+                             max_tasks_in_flight_per_actor=job.batches_in_flight, enable_true_multi_threading=True)
     ds = ds.map_batches(Captioner, compute=pool, batch_size=job.batch_size, batch_format="pyarrow",
                         num_cpus=job.cpus_per_actor, num_gpus=job.gpus_per_actor or None,
                         fn_constructor_kwargs={"job": job, "stats": stats, **to_measure},
