@@ -1,8 +1,10 @@
 """Plain configuration records: which cache method, how to sample, how large the engine is."""
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from elastic_ray.kv import CachePolicy, make_policy
+if TYPE_CHECKING:
+    from elastic_ray.kv import CachePolicy
 
 
 class CacheConfig:
@@ -13,6 +15,8 @@ class CacheConfig:
     """
 
     def __init__(self, method: str = "full", budget: float = 1.0, **options):
+        from elastic_ray.kv import make_policy  # torch, imported when a policy is first made
+
         self.method, self.budget, self.options = method, budget, dict(options)
         self.policy: CachePolicy = make_policy(method, budget, **options)
 
@@ -30,9 +34,32 @@ class CacheConfig:
         return {"method": self.method, "budget": self.budget, **self.options}
 
 
+# Below this, a temperature or top_p samples greedily (SamplingParams stores temperature 0, top_p 1).
+# Greedy is the limit of both as they go to 0, and the sampler's float32 arithmetic needs the bound:
+# logits / temperature overflows to inf (softmax then gives NaN) once temperature is below
+# |logit| / 3.4e38, and a top_p that rounds to 0 in float32 masks every token. At or above 1e-6
+# neither happens for finite logits under 3.4e32; below it a top_p nucleus is the top token alone
+# anyway for any vocabulary under a million tokens, as the top token's probability is at least 1 / vocab.
+GREEDY_BELOW = 1e-6
+INT64 = (-(2**63), 2**63 - 1)
+
+
+class SamplingError(ValueError):
+    """A sampling value that cannot run; `field` names it."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field} {message}")
+        self.field = field
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to pick tokens. temperature 0 is greedy; `stop` strings end a sequence (not included)."""
+    """How to pick tokens. temperature 0 is greedy, and so is a temperature or top_p below
+    `GREEDY_BELOW`; `stop` strings end a sequence (not included); `seed` is an int64."""
 
     max_tokens: int = 64
     temperature: float = 0.0
@@ -47,13 +74,20 @@ class SamplingParams:
         else:
             object.__setattr__(self, "stop", tuple(self.stop))
         if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
-        if not 0.0 <= self.temperature <= 100.0:
-            raise ValueError(f"temperature must be in [0, 100], got {self.temperature!r}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+            raise SamplingError("max_tokens", f"must be a positive integer, got {self.max_tokens!r}")
+        if not _number(self.temperature) or not 0.0 <= self.temperature <= 100.0:
+            raise SamplingError("temperature", f"must be in [0, 100], got {self.temperature!r}")
+        if not _number(self.top_p) or not 0.0 < self.top_p <= 1.0:
+            raise SamplingError("top_p", f"must be in (0, 1], got {self.top_p!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
-            raise ValueError(f"stop must be non-empty strings, got {self.stop!r}")
+            raise SamplingError("stop", f"must be non-empty strings, got {self.stop!r}")
+        seed = self.seed
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)
+                                 or not INT64[0] <= seed <= INT64[1]):
+            raise SamplingError("seed", f"must be an integer in [-2**63, 2**63 - 1], got {seed!r}")
+        if self.temperature < GREEDY_BELOW or self.top_p < GREEDY_BELOW:
+            object.__setattr__(self, "temperature", 0.0)
+            object.__setattr__(self, "top_p", 1.0)
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,8 @@ def add_engine_flags(parser: argparse.ArgumentParser, defaults, budget_type=floa
                      budget_help: str = "fraction of KV entries kept, in (0, 1]") -> None:
     """--method, --budget, --cache-option, --max-tokens, --max-num-seqs and --kv-cache-memory, with
     the defaults of `defaults` (an object with those settings as attributes)."""
-    parser.add_argument("--method", default=defaults.method, help="cache method: full, elastic, h2o or streaming")
+    parser.add_argument("--method", default=defaults.method,
+                        help="cache method: full, elastic (the paper's), elastic-vl, h2o or streaming")
     parser.add_argument("--budget", type=budget_type, default=defaults.budget, help=budget_help)
     parser.add_argument("--cache-option", action="append", default=[], type=parse_cache_option, metavar="KEY=VALUE",
                         help="an option of the method (repeatable), e.g. protect=16 for elastic")

@@ -1,4 +1,4 @@
-"""Caption images with a VLM on Ray Data: Parquet shards or an image folder in, Parquet captions out.
+"""Caption images with a VLM on Ray Data: Parquet or WebDataset shards or an image folder in, Parquet captions out.
 
     python jobs/caption.py                    # demo shards and demo model, local Ray, CPU
     python jobs/caption.py --method h2o --budget auto --target-rouge 0.9
@@ -13,7 +13,7 @@ import argparse
 import os
 
 from elastic_ray.flags import add_engine_flags, engine_settings
-from elastic_ray.pipeline.job import CaptionJob, JobConfigError
+from elastic_ray.pipeline.job import INPUT_FORMATS, CaptionJob, JobConfigError
 
 DEMO_INPUT = "out/demo-shards"
 DEMO_ROWS, DEMO_ROWS_PER_SHARD = 256, 64
@@ -51,8 +51,10 @@ def score(captions: list[str], references: list[str]) -> dict:
 def parser() -> argparse.ArgumentParser:
     d = CaptionJob(input="", output="")
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--input", help=f"Parquet shards or images: a file, folder or s3:// prefix "
-                                   f"(default: the demo shards, written to {DEMO_INPUT} if missing)")
+    p.add_argument("--input", help=f"Parquet shards, WebDataset tar shards or images: a file, folder or s3:// "
+                                   f"prefix (default: the demo shards, written to {DEMO_INPUT} if missing)")
+    p.add_argument("--input-format", choices=("auto", *INPUT_FORMATS), default=d.input_format,
+                   help="auto: parquet if the input holds .parquet files, else webdataset if .tar, else images")
     p.add_argument("--output", default="out/captions", help="output folder or s3:// prefix")
     p.add_argument("--model", default=d.model, help="'demo', a local path or a hub id")
     add_engine_flags(p, d, budget_type=budget,
@@ -74,10 +76,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batches-in-flight", type=int, default=d.batches_in_flight,
                    help="batches a caption actor runs at once, sharing its engine's slots")
     p.add_argument("--resume", action="store_true", help="finish a run into a non-empty output")
-    p.add_argument("--id-column", default=d.id_column)
-    p.add_argument("--image-column", default=d.image_column, help="encoded image bytes")
+    p.add_argument("--allow-duplicate-ids", action="store_true",
+                   help="caption every row of an id that occurs more than once; later ones as '<id>#<file>#<row>'")
+    p.add_argument("--id-column", default=d.id_column, help="rows with a null id get '<file>#<row>'")
+    p.add_argument("--image-column", default=d.image_column,
+                   help="encoded image bytes, or Hugging Face's {bytes, path} image struct")
     p.add_argument("--image-path-column", help="image paths or URIs, relative to the input, instead of bytes")
-    p.add_argument("--instruction-column", help="default: 'instruction' when the input has it")
+    p.add_argument("--instruction-column", help="default: 'instruction' when the input has it (for tar shards: the "
+                                                "field of KEY.json)")
     p.add_argument("--endpoint-url", help="S3-compatible endpoint for s3:// paths")
     p.add_argument("--allow-images-from", action="append", default=[], metavar="PREFIX",
                    help="a folder or URL prefix image paths may also be read from (repeatable)")
@@ -107,11 +113,12 @@ def main(argv=None) -> None:
         target_rouge=args.target_rouge, calibration_rows=args.calibration_rows, quality_sample=args.quality_sample,
         min_rouge=args.min_rouge, instruction=args.instruction, num_actors=args.num_actors,
         gpus_per_actor=args.gpus_per_actor, cpus_per_actor=args.cpus_per_actor, batch_size=args.batch_size,
-        batches_in_flight=args.batches_in_flight, resume=args.resume, id_column=args.id_column,
-        image_column=args.image_column, image_path_column=args.image_path_column,
-        instruction_column=args.instruction_column, endpoint_url=args.endpoint_url,
-        allow_images_from=tuple(args.allow_images_from), max_pixels=args.max_pixels, rows_per_file=args.rows_per_file,
-        address=args.address, progress=not args.no_progress,
+        batches_in_flight=args.batches_in_flight, resume=args.resume, input_format=args.input_format,
+        allow_duplicate_ids=args.allow_duplicate_ids, id_column=args.id_column, image_column=args.image_column,
+        image_path_column=args.image_path_column, instruction_column=args.instruction_column,
+        endpoint_url=args.endpoint_url, allow_images_from=tuple(args.allow_images_from),
+        max_pixels=args.max_pixels, rows_per_file=args.rows_per_file, address=args.address,
+        progress=not args.no_progress,
     )
     from elastic_ray.pipeline.console import DroppedLines
     from elastic_ray.pipeline.metrics import summary

@@ -2,7 +2,7 @@
 
     python jobs/engine_baseline.py --input out/demo-shards --threads 1
 
-Reads and prepares the rows as the job's CPU stages do (decode, then the model's processor),
+Reads and prepares the rows as the job's read and CPU stages do (decode, then the model's processor),
 builds the same engine (`max_num_seqs` sequences in flight), then times one `generate` over every
 good row's prepared request and prints JSON: `generate_s` and `rows_per_s` (the engine alone),
 `process_ms_per_row` (the CPU stage the job runs on CPU workers: the processor, the prompt check
@@ -35,20 +35,20 @@ def main() -> None:
     import time
 
     import pyarrow as pa
-    import pyarrow.parquet as pq
     import torch
 
     from elastic_ray.pipeline.captions import build_engine, sampling
     from elastic_ray.pipeline.inputs import inspect_input
     from elastic_ray.pipeline.job import CaptionJob
     from elastic_ray.pipeline.prepare import pack, prepare, process, unpack
+    from elastic_ray.pipeline.reader import read_rows
 
     torch.set_num_threads(args.threads)
     job = CaptionJob(input=args.input, output="", model=args.model, method=args.method, budget=args.budget,
                      max_tokens=args.max_tokens, max_num_seqs=args.max_num_seqs)
     found = inspect_input(job)
-    table = pa.concat_tables(pq.read_table(f, columns=found.columns) for f in found.files)
-    decoded = prepare(table, job=job, found=found, done=pa.array([], pa.string()))
+    decoded = pa.concat_tables(prepare(rows, job=job, found=found)
+                               for rows in read_rows(job, found, pa.array([], pa.string())))
     process(decoded.slice(0, 1), job=job)  # loads the processor: not part of its cost per row
     start = time.perf_counter()
     processed = process(decoded, job=job)

@@ -4,23 +4,24 @@
     python jobs/serve.py --model llava-hf/llava-1.5-7b-hf --num-gpus 1 --num-replicas 2 --max-replicas 8 \\
         --allow-images-from https://images.example.com/public/
 
-Starts a local Ray on 127.0.0.1 unless --address (or RAY_ADDRESS) names a cluster. Bad arguments
-exit with status 2 before Ray starts.
+Starts a local Ray on 127.0.0.1 unless --address (or RAY_ADDRESS) names a cluster; a Ray it starts
+puts the request body limit in front of Serve's HTTP proxy too (elastic_ray/serving/body.py). Bad
+arguments, and a model that is neither 'demo', a local directory nor in the local Hugging Face
+cache, exit with status 2 and one line before torch or Ray loads.
 """
 
 import argparse
 import os
 import signal
 
-import ray
 from pydantic import ValidationError
-from ray import serve
 
 from elastic_ray.flags import add_engine_flags, engine_settings
-from elastic_ray.serving import ServeConfig, build_app, check_model
+from elastic_ray.serving.settings import ServeConfig
+
 
 def parser() -> argparse.ArgumentParser:
-    d = ServeConfig()
+    d = ServeConfig.model_construct()  # the defaults, unvalidated: validating imports torch
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--host", default="127.0.0.1", help="address the HTTP proxy binds")
     p.add_argument("--port", type=int, default=8000)
@@ -35,6 +36,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-pixels", type=int, default=d.max_pixels)
     p.add_argument("--allow-images-from", action="append", default=[], metavar="PREFIX",
                    help="an http(s) URL prefix that image URLs may be fetched from (repeatable; default: none)")
+    p.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes,
+                   help="the largest request body (413 beyond), image included")
+    p.add_argument("--fetch-timeout", type=float, default=d.fetch_timeout_s,
+                   help="seconds an image URL's fetch may take, connecting to last byte")
+    p.add_argument("--max-concurrent-fetches", type=int, default=d.max_concurrent_fetches,
+                   help="image URL fetches a replica runs at once")
     p.add_argument("--num-replicas", type=int, default=d.num_replicas, help="replicas (the minimum when autoscaling)")
     p.add_argument("--max-replicas", type=int, help="autoscale up to this many replicas")
     p.add_argument("--max-ongoing-requests", type=int, help="requests a replica takes (default: 2 x --max-num-seqs)")
@@ -50,10 +57,17 @@ def config_from(args: argparse.Namespace) -> ServeConfig:
     return ServeConfig(
         **engine_settings(args), model=args.model, served_model_name=args.served_model_name,
         max_engines=args.max_engines, max_pixels=args.max_pixels, allow_images_from=tuple(args.allow_images_from),
+        max_body_bytes=args.max_body_bytes, fetch_timeout_s=args.fetch_timeout,
+        max_concurrent_fetches=args.max_concurrent_fetches,
         num_replicas=args.num_replicas, max_replicas=args.max_replicas, max_ongoing_requests=args.max_ongoing_requests,
         max_queued_requests=args.max_queued_requests, retry_after_s=args.retry_after, num_cpus=args.num_cpus,
         num_gpus=args.num_gpus,
     )
+
+
+def refuse(p: argparse.ArgumentParser, message: str) -> None:
+    """Exit 2 with one line: the flags parsed, a value is wrong (no usage text)."""
+    p.exit(2, f"{p.prog}: error: {message}\n")
 
 
 def main(argv=None) -> None:
@@ -61,15 +75,26 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     try:
         config = config_from(args)
-        check_model(config)
     except ValidationError as e:
-        p.error("; ".join(f"{'.'.join(map(str, err['loc'])) or 'arguments'}: {err['msg']}" for err in e.errors()))
-    except (ValueError, FileNotFoundError) as e:
-        p.error(str(e))
+        refuse(p, "; ".join(f"{'.'.join(map(str, err['loc'])) or 'arguments'}: {err['msg']}" for err in e.errors()))
+    from elastic_ray.models.loading import check_local_model
+
+    try:
+        check_local_model(config.model, config.max_tokens)
+    except ValueError as e:
+        refuse(p, str(e))
+    import ray
+    from ray import serve
+
+    from elastic_ray.serving import build_app
+    from elastic_ray.serving.body import MAX_BODY_BYTES_ENV, PROXY_CALLBACK
+
     address = args.address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address)
-    else:
+    else:  # Ray's processes, the proxy's among them, inherit this environment
+        os.environ.update({"RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": PROXY_CALLBACK,
+                           MAX_BODY_BYTES_ENV: str(config.max_body_bytes)})
         ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop on SIGTERM as on Ctrl-C
     try:

@@ -1,5 +1,6 @@
 """jobs/caption.py against a `ray start --head` cluster (token auth on): through `ray job submit`,
-and killed part-way then resumed into the same output."""
+and killed part-way then resumed into the same output, rows without an id and someone else's
+file in the output included."""
 
 import json
 import os
@@ -13,9 +14,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
-from captioning import ray_env, read_output, readable_ids, save_tiny_model
+from captioning import ray_env, read_output, readable_ids, save_tiny_model, write_output_file
 from processes import Service
 from elastic_ray.data.shapes import write_shards
 
@@ -96,6 +99,13 @@ def test_with_a_wrong_token_the_cluster_refuses(head):
 def test_a_killed_run_resumes_with_every_id_exactly_once(head, tmp_path):
     model = save_tiny_model(tmp_path / "model")
     write_shards(tmp_path / "in", 40, rows_per_shard=20)
+    expected = []
+    for shard in sorted((tmp_path / "in").glob("*.parquet")):  # every third row without an id
+        table = pq.read_table(shard)
+        ids = table.column("id").to_pylist()
+        ids = [None if i % 3 == 0 else v for i, v in enumerate(ids)]
+        pq.write_table(table.set_column(table.schema.get_field_index("id"), "id", pa.array(ids, pa.string())), shard)
+        expected += [f"{shard.name}#{i}" if v is None else v for i, v in enumerate(ids)]
     out = tmp_path / "out"
     command = [sys.executable, "jobs/caption.py", "--address", head["gcs"], "--input", str(tmp_path / "in"),
                "--output", str(out), "--model", model, "--max-tokens", "48", "--batch-size", "2",
@@ -113,10 +123,15 @@ def test_a_killed_run_resumes_with_every_id_exactly_once(head, tmp_path):
 
     again = head["service"].run(command, timeout=300, cwd=REPO, env=head["env"])
     assert again.returncode == 2 and "pass --resume" in again.stderr
+    write_output_file(out / "someone-elses.parquet", ["theirs", expected[0]])  # complete, with our columns
+    theirs = (out / "someone-elses.parquet").read_bytes()
     resumed = head["service"].run(command + ["--resume"], timeout=300, cwd=REPO, env=head["env"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "1 files in the output were not written by this job" in resumed.stderr
+    assert (out / "someone-elses.parquet").read_bytes() == theirs
+    (out / "someone-elses.parquet").unlink()
     ids = read_output(str(out)).column("id").to_pylist()
-    assert sorted(ids) == [f"test-0-{i:06d}" for i in range(40)]
+    assert sorted(ids) == sorted(expected)
     metrics_file = tmp_path / "out.metrics.json"
     metrics = json.loads(metrics_file.read_text())
     # the metrics are the whole output's; this run's rows and rate apart; the killed run left no record

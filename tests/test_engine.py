@@ -7,14 +7,18 @@ import pytest
 from conftest import INSTRUCTIONS
 from elastic_ray import LLM, CacheConfig, EngineConfig, SamplingParams
 from elastic_ray.engine.engine import Engine
+from elastic_ray.hf.generate import generate_compressed
 from elastic_ray.hf.static import StaticBatchGenerator
-from elastic_ray.models.prompts import PreparedRequest, prepare_request
+from elastic_ray.models.family import family_of
+from elastic_ray.models.prompts import PreparedRequest, encode_requests, prepare_request
 
 METHODS = [
     ("full", 1.0, {}),
     ("elastic", 0.5, {}),
     ("elastic", 0.3, {"merge": False}),
     ("elastic", 0.5, {"offset": 4}),
+    ("elastic", 0.3, {"protect_text": True, "importance": "mean"}),
+    ("elastic-vl", 0.5, {}),
     ("h2o", 0.5, {}),
     ("streaming", 0.5, {}),
 ]
@@ -182,6 +186,37 @@ def test_an_aborted_request_frees_its_slot_and_the_others_run_as_if_it_never_cam
     assert sorted(finished) == [0, 2]
     alone = LLM(tiny_llava, cache, engine=EngineConfig(max_num_seqs=2)).generate([reqs[0], reqs[2]], params)
     assert [finished[0].token_ids, finished[2].token_ids] == [o.token_ids for o in alone]
+
+
+def test_protect_text_keeps_every_text_token_in_generate_and_in_the_engine_slots(tiny_vlm, images):
+    model, processor = tiny_vlm
+    # budgets at which some of these prompts' text fits in C0 and some does not (Qwen's images are 4 tokens)
+    budget = 0.4 if model.config.model_type == "llava" else 0.8
+    policy = CacheConfig("elastic", budget, protect_text=True).policy
+    reqs = requests(images, 3)
+    inputs = encode_requests(processor, reqs)
+    real = inputs["attention_mask"].bool()
+    image = family_of(model).image_mask(inputs["input_ids"])
+    _, cache = generate_compressed(model, inputs, policy, max_new_tokens=1)
+    engine = Engine(model, processor, policy, EngineConfig(max_num_seqs=3))
+    for request in reqs:
+        engine.add_request(request, SamplingParams(max_tokens=2))
+    engine.step()  # the prefill: every prompt compressed into its slot
+    fitting = 0
+    for row in range(len(reqs)):
+        length = int(real[row].sum())
+        text = set((~image[row][real[row]]).nonzero().flatten().tolist())  # positions in the prompt
+        kept_count = policy.prompt_kept(length)
+        fits = len(text | {0, length - 1}) <= kept_count  # text, sink and protected tail within C0
+        fitting += fits
+        for layer in range(len(cache.layers)):
+            positions = cache.layers[layer].positions[row, 0]
+            in_cache = set(positions[positions >= 0].tolist())
+            slot = engine.runner.slots.positions[layer][row, 0]
+            in_slot = set(slot[slot >= 0].tolist())
+            assert in_cache == in_slot and len(in_cache) == kept_count
+            assert text <= in_cache if fits else not text <= in_cache  # a row over C0: published selection
+    assert 0 < fitting < len(reqs)  # both cases occur
 
 
 def test_a_request_prepared_off_the_engine_runs_as_the_raw_request_does(tiny_llava, images):

@@ -1,16 +1,22 @@
 """The engine loop without Ray: concurrent submissions share decode steps and get what
-LLM.generate gives; the engine pool is bounded; a refusal or a failing step reaches the requests."""
+LLM.generate gives; the engine pool is bounded; a refusal or a request that fails to start
+reaches that request alone, a failing step every request."""
 
+import io
 import queue
 import threading
 import time
 
 import pytest
 
+from PIL import Image
+
 from conftest import INSTRUCTIONS
 from elastic_ray import LLM, CacheConfig, EngineConfig, SamplingParams
+from elastic_ray.data.shapes import png_bytes
 from elastic_ray.engine.engine import Engine
-from elastic_ray.engine.loop import EngineFailed, EngineLoop, LoopStats, LoopStopped, Refused, Submission, Work
+from elastic_ray.engine.loop import (EngineFailed, EngineLoop, LoopStats, LoopStopped, Refused, RequestFailed,
+                                     Submission, Work)
 
 ENGINE = EngineConfig(kv_cache_memory=2**24, max_num_seqs=4, max_tokens=8)
 ELASTIC, FULL = CacheConfig("elastic", 0.5), CacheConfig("full", 1.0)
@@ -96,6 +102,23 @@ def test_a_refused_request_gets_a_400_and_the_others_run(tiny_llava, images):
         only = quiet.get(timeout=60)
         assert only.finished and only.token_ids == ran.token_ids and quiet.empty()
         assert loop.error is None
+    finally:
+        loop.close()
+
+
+def test_a_request_that_fails_to_start_fails_alone_and_the_loop_goes_on(tiny_llava, images):
+    noise = png_bytes(Image.effect_noise((64, 64), 50).convert("RGB"))
+    truncated = Image.open(io.BytesIO(noise[: len(noise) // 2]))  # opens; decoding it raises OSError
+    sampling = SamplingParams(max_tokens=4, ignore_eos=True)
+    loop = make_loop(tiny_llava)
+    try:
+        work = [Work({"image": truncated, "prompt": "what"}, sampling, ELASTIC),
+                *(Work(r, sampling, ELASTIC) for r in requests(images, 2))]
+        failed, first, second = (last_event(q) for q in submit_all(loop, work))
+        assert isinstance(failed, RequestFailed) and "OSError: image file is truncated" in str(failed)
+        expected = LLM(tiny_llava, cache=ELASTIC, engine=ENGINE).generate(requests(images, 2), sampling)
+        assert [first.token_ids, second.token_ids] == [e.token_ids for e in expected]
+        assert loop.error is None and last_event(submit_all(loop, work[1:2])[0]).token_ids == first.token_ids
     finally:
         loop.close()
 

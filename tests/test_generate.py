@@ -15,6 +15,11 @@ METHODS = [
     ("elastic", {}),
     ("elastic", {"merge": False}),
     ("elastic", {"offset": 4}),
+    ("elastic", {"protect_text": True}),
+    ("elastic", {"importance": "mean"}),
+    ("elastic", {"importance": "instruction"}),
+    ("elastic", {"assign": "key"}),
+    ("elastic-vl", {}),
     ("h2o", {}),
     ("streaming", {}),
 ]

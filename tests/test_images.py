@@ -8,7 +8,7 @@ import zlib
 import pytest
 from PIL import Image
 
-from conftest import http_image_server
+from conftest import http_image_server, special_files, within
 from elastic_ray.data.images import ImageError, ImageSource, decode_image
 
 
@@ -106,7 +106,7 @@ def test_source_does_not_follow_http_redirects_out_of_the_allowed_prefix():
     with http_image_server(encoded(Image.new("RGB", (9, 7))), paths, redirects) as url:
         source = ImageSource(allowed=(f"{url}/allowed/",))
         assert source.load(f"{url}/allowed/a.png").size == (9, 7)
-        with pytest.raises(ImageError, match="empty image"):  # the 302's empty body, not its target
+        with pytest.raises(ImageError, match="redirects are not followed"):
             source.load(f"{url}/allowed/moved.png")
         assert decode_image(ImageSource(allowed=(url,)).read(f"{url}/private/a.png")).size == (9, 7)
 
@@ -115,3 +115,21 @@ def test_source_refuses_files_over_the_byte_limit(tmp_path):
     (tmp_path / "big.png").write_bytes(encoded(Image.effect_noise((64, 64), 50).convert("RGB")))
     with pytest.raises(ImageError, match="over the limit of 1000 bytes"):
         ImageSource(allowed=(str(tmp_path),), root=str(tmp_path), max_bytes=1000).read("big.png")
+
+
+def test_source_reads_regular_files_only_resolving_symlinks(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(encoded(Image.new("RGB", (9, 7))))
+    (folder / "link-in.png").symlink_to(folder / "a.png")
+    (tmp_path / "secret.png").write_bytes(encoded(Image.new("RGB", (9, 7))))
+    source = ImageSource(allowed=(str(folder),), root=str(folder))
+    with special_files(folder, tmp_path / "secret.png") as refused:
+        for name, message in refused.items():
+            with pytest.raises(ImageError, match=message):
+                within(10, source.read, name)
+    assert source.load("link-in.png").size == (9, 7)  # a link that stays inside is followed
+    (tmp_path / "via-link").symlink_to(folder)  # so is an allowed folder reached through a link
+    assert ImageSource(allowed=(str(tmp_path / "via-link"),)).load(str(tmp_path / "via-link" / "a.png")).size == (9, 7)
+    with pytest.raises(ImageError, match="/dev/zero is a character device, not a regular file"):
+        within(10, ImageSource(allowed=("/dev",)).read, "/dev/zero")

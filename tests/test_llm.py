@@ -1,9 +1,12 @@
 """The public API: LLM(model, cache=...).generate(requests, SamplingParams(...))."""
 
+import math
+
 import pytest
 
 from conftest import INSTRUCTIONS
 from elastic_ray import LLM, CacheConfig, EngineConfig, SamplingParams
+from elastic_ray.config import GREEDY_BELOW, SamplingError
 from elastic_ray.hf.static import StaticBatchGenerator
 
 
@@ -100,12 +103,32 @@ def test_a_bad_request_fails_alone_with_a_clear_error(bad, message, tiny_llava, 
         llm.engine.add_request(bad)  # the streaming interface raises at once
 
 
-@pytest.mark.parametrize("params", [dict(max_tokens=0), dict(max_tokens=-3), dict(temperature=-1), dict(top_p=0), dict(stop=[""])])
-def test_bad_sampling_params_raise_value_error(params):
-    with pytest.raises(ValueError):
-        SamplingParams(**params)
-
-
 def test_compact_positions_are_refused_for_qwen2_vl(tiny_qwen):
     with pytest.raises(ValueError, match="positions='compact' is not possible for qwen2_vl"):
         LLM(tiny_qwen, cache=CacheConfig(method="elastic", budget=0.5, positions="compact"))
+
+
+def test_a_temperature_or_top_p_below_the_greedy_bound_samples_greedily(tiny_llava, images):
+    llm = LLM(tiny_llava)
+    greedy = [o.token_ids for o in llm.generate(requests(images), SamplingParams(max_tokens=6, ignore_eos=True))]
+    # each of these once made the sampler's probabilities inf or NaN and the step raise
+    for degenerate in ({"temperature": 1e-40}, {"temperature": 5e-324}, {"temperature": GREEDY_BELOW / 2, "seed": 3},
+                       {"temperature": 1.0, "top_p": 1e-50}, {"temperature": 2.0, "top_p": 5e-324},
+                       {"temperature": 1e-300, "top_p": 1e-300}):
+        params = SamplingParams(max_tokens=6, ignore_eos=True, **degenerate)
+        assert (params.temperature, params.top_p) == (0.0, 1.0)
+        assert [o.token_ids for o in llm.generate(requests(images), params)] == greedy, degenerate
+    at_bound = SamplingParams(max_tokens=6, ignore_eos=True, temperature=GREEDY_BELOW, top_p=GREEDY_BELOW, seed=1)
+    assert (at_bound.temperature, at_bound.top_p) == (GREEDY_BELOW, GREEDY_BELOW)  # sampled, and finite
+    assert all(o.finish_reason == "length" for o in llm.generate(requests(images), at_bound))
+
+
+@pytest.mark.parametrize("field, value", [
+    ("temperature", math.nan), ("temperature", math.inf), ("temperature", -1), ("temperature", -1e-9),
+    ("temperature", "1"), ("top_p", 0), ("top_p", math.nan), ("top_p", 1.5), ("seed", 2**63), ("seed", -(2**63) - 1),
+    ("seed", 1.5), ("seed", True), ("max_tokens", 0), ("max_tokens", -3), ("stop", [""]),
+])
+def test_sampling_values_that_cannot_run_are_refused_naming_the_field(field, value):
+    with pytest.raises(SamplingError, match=f"^{field} ") as error:
+        SamplingParams(**{field: value})
+    assert error.value.field == field

@@ -24,8 +24,8 @@ import torch
 from PIL import Image
 
 from captioning import (
-    LONG_INSTRUCTION, MAX_PIXELS, bad_rows, check_errors, errors_by_id, good_rows, png, ray_env, read_output, save_tiny_model,
-    write_rows,
+    LONG_INSTRUCTION, MAX_PIXELS, bad_rows, check_errors, errors_by_id, good_rows, png, prepared, ray_env,
+    read_output, save_tiny_model, webdataset_shards, write_output_file, write_rows, write_tar,
 )
 from processes import Service
 from elastic_ray import CacheConfig
@@ -38,15 +38,15 @@ from elastic_ray.models.loading import load
 from elastic_ray.models.prompts import prepare_request
 from elastic_ray.engine.engine import Engine
 from elastic_ray.pipeline.captions import Captions, build_engine, engine_config, sampling
-from elastic_ray.pipeline.inputs import input_sample
 from elastic_ray.pipeline.job import CaptionJob, JobConfigError
 from elastic_ray.pipeline.output import finished_ids
-from elastic_ray.pipeline.prepare import PROCESSED_SCHEMA, pack, prepare, process, processor_and_limit, to_request, unpack
+from elastic_ray.pipeline.prepare import PROCESSED_SCHEMA, pack, process, processor_and_limit, to_request, unpack
+from elastic_ray.pipeline.reader import input_sample
 from elastic_ray.pipeline.run import check
 
 REPO = Path(__file__).parents[1]
 
-NO_IDS = pa.array([], pa.string())
+OURS = "captions-" + "ab" * 16 + "-000000-{}.parquet"  # a name the job's CaptionFiles gives
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +85,7 @@ def shards(tmp_path):
     ({"budget": "auto", "target_rouge": 0}, "--target-rouge must be in \\(0, 1\\]"),
     ({"budget": "auto", "target_rouge": 1.5}, "--target-rouge must be in \\(0, 1\\]"),
     ({"budget": "auto", "calibration_rows": 0}, "--calibration-rows must be a positive integer"),
-    ({"cache_options": (("protect", "16"),)}, "elastic option protect must be int"),
+    ({"cache_options": (("protect", "16"),)}, "elastic-vl option protect must be int"),
     ({"cache_options": (("window", 4),)}, "no option\\(s\\) \\['window'\\]"),
 ])
 def test_bad_arguments_are_refused(shards, tiny_model, tmp_path, change, message):
@@ -108,7 +108,9 @@ def test_a_non_empty_output_needs_resume(shards, tmp_path):
     (["--budget", "2"], "bad cache settings: budget must be in (0, 1]"),
     (["--budget", "half"], "argument --budget: a number in (0, 1] or 'auto', got 'half'"),
     (["--cache-option", "protect"], "argument --cache-option: a cache option looks like KEY=VALUE"),
-    (["--cache-option", "protect=high"], "bad cache settings: elastic option protect must be int, got 'high'"),
+    (["--cache-option", "protect=high"], "option protect must be int, got 'high'"),
+    (["--cache-option", "importance=max"], "option importance must be one of ('sum', 'mean', 'instruction')"),
+    (["--cache-option", "offset=99999999999999999999"], "option offset must be in [1, 1048576]"),
     (["--kv-cache-memory", "lots"], "argument --kv-cache-memory: bytes (an integer) or a fraction"),
 ])
 @pytest.mark.slow
@@ -132,31 +134,30 @@ def test_prepare_flags_bad_images_and_instructions(tmp_path):
     job = CaptionJob(input=str(tmp_path / "in.parquet"), output=str(tmp_path / "out"), max_pixels=MAX_PIXELS)
     found = check(job)
     assert (found.format, found.rows, found.instruction_column) == ("parquet", len(expected), "instruction")
-    prepared = prepare(pq.read_table(tmp_path / "in.parquet"), job=job, found=found, done=NO_IDS)
-    assert prepared.num_rows == len(expected)
-    errors = errors_by_id(prepared)
+    table = prepared(job)
+    assert table.num_rows == len(expected)
+    errors = errors_by_id(table)
     for row, pattern in expected:
         if pattern is None or pattern.startswith("refused by the engine"):  # `process` judges prompt length
             assert errors[row["id"]] is None
         else:
             assert errors[row["id"]] and re.search(pattern, errors[row["id"]]), (row["id"], errors[row["id"]])
-    prompts = dict(zip(prepared.column("id").to_pylist(), prepared.column("prompt").to_pylist()))
+    prompts = dict(zip(table.column("id").to_pylist(), table.column("prompt").to_pylist()))
     assert prompts["good-default"] == CAPTION_INSTRUCTION
     assert prompts["good-custom"] == "what color is the shape ?"
 
 
-def test_prepare_flags_values_of_the_wrong_type(tmp_path):
-    schema = pa.schema([("id", pa.float64()), ("image", pa.string()), ("instruction", pa.int64())])
-    write_rows(tmp_path / "in.parquet", [{"id": 1.5, "image": "a.png", "instruction": 3}], schema)
-    schema = pa.schema([("id", pa.int64()), ("image", pa.string()), ("instruction", pa.int64())])
-    write_rows(tmp_path / "in2.parquet", [{"id": 7, "image": "a.png", "instruction": None},
-                                          {"id": 8, "image": None, "instruction": 5}], schema)
-    for name, expected in [("in.parquet", {"1.5": "id must be a string or an integer, got float"}),
-                           ("in2.parquet", {"7": "image must be encoded bytes, got str",
-                                            "8": "instruction must be a string, got int"})]:
-        job = CaptionJob(input=str(tmp_path / name), output=str(tmp_path / "out"))
-        prepared = prepare(pq.read_table(tmp_path / name), job=job, found=check(job), done=NO_IDS)
-        assert errors_by_id(prepared) == expected
+@pytest.mark.parametrize("schema, message", [
+    ([("id", pa.float64()), ("image", pa.binary())], "--id-column: column 'id' in .* is double, not string or integer"),
+    ([("id", pa.string()), ("image", pa.string())],
+     "--image-column: column 'image' in .* is string, not binary or struct; for image paths pass --image-path-column"),
+    ([("id", pa.int64()), ("image", pa.binary()), ("instruction", pa.int64())],
+     "--instruction-column: column 'instruction' in .* is int64, not string"),
+])
+def test_columns_of_the_wrong_type_are_refused_before_ray(tmp_path, schema, message):
+    write_rows(tmp_path / "in.parquet", [], pa.schema(schema))
+    with pytest.raises(JobConfigError, match=message):
+        check(CaptionJob(input=str(tmp_path / "in.parquet"), output=str(tmp_path / "out")))
 
 
 def test_prepare_reads_image_paths_only_under_the_input(tmp_path):
@@ -171,24 +172,19 @@ def test_prepare_reads_image_paths_only_under_the_input(tmp_path):
     ], schema)
     job = CaptionJob(input=str(tmp_path / "in"), output=str(tmp_path / "out"), id_column="key",
                      image_path_column="file")
-    found = check(job)
-    prepared = prepare(pq.read_table(tmp_path / "in" / "rows.parquet"), job=job, found=found, done=NO_IDS)
-    errors = errors_by_id(prepared)
+    errors = errors_by_id(prepared(job))
     assert errors["relative"] is None and errors["absolute"] is None
     assert "outside the allowed locations" in errors["escape"] and "outside the allowed" in errors["url"]
     assert "missing image" in errors["missing"]
     allowed = replace(job, allow_images_from=(str(tmp_path),))
-    assert errors_by_id(prepare(pq.read_table(tmp_path / "in" / "rows.parquet"), job=allowed, found=found,
-                                done=NO_IDS))["escape"] is None
+    assert errors_by_id(prepared(allowed))["escape"] is None
 
 
-def test_prepare_skips_finished_ids(shards, tmp_path):
+def test_the_reader_skips_finished_ids(shards, tmp_path):
     job = CaptionJob(input=shards, output=str(tmp_path / "out"))
-    found = check(job)
-    table = pq.read_table(found.files[0])
-    ids = table.column("id").to_pylist()
-    prepared = prepare(table, job=job, found=found, done=pa.array(ids[:2]))
-    assert prepared.column("id").to_pylist() == ids[2:]
+    ids = [f"test-0-{i:06d}" for i in range(6)]
+    assert prepared(job).column("id").to_pylist() == ids
+    assert prepared(job, done=(ids[0], ids[4])).column("id").to_pylist() == ids[1:4] + ids[5:]
 
 
 def test_input_sample_is_the_first_rows_prepare_passes_as_engine_requests(tmp_path):
@@ -215,13 +211,13 @@ def test_input_sample_of_an_image_folder(tmp_path):
     assert [r["id"] for r in input_sample(job, check(job), 2)] == ["1.png", "2.png"]
 
 
-def test_finished_ids_drops_files_cut_short(tmp_path):
-    write_rows(tmp_path / "a.parquet", good_rows(3))
-    data = (tmp_path / "a.parquet").read_bytes()
-    (tmp_path / "b.parquet").write_bytes(data[: len(data) // 2])
+def test_finished_ids_drops_the_jobs_files_cut_short(tmp_path):
+    write_output_file(tmp_path / OURS.format(0), ["row-000", "row-001", "row-002"])
+    data = (tmp_path / OURS.format(0)).read_bytes()
+    (tmp_path / OURS.format(1)).write_bytes(data[: len(data) // 2])
     ids = finished_ids(fsspec.filesystem("file"), str(tmp_path))
     assert sorted(ids.to_pylist()) == ["row-000", "row-001", "row-002"]
-    assert sorted(os.listdir(tmp_path)) == ["a.parquet"]
+    assert sorted(os.listdir(tmp_path)) == [OURS.format(0)]
 
 
 def test_process_gives_the_engine_its_inputs_and_flags_prompts_over_its_limit(tiny_model, tmp_path):
@@ -229,10 +225,9 @@ def test_process_gives_the_engine_its_inputs_and_flags_prompts_over_its_limit(ti
     write_rows(tmp_path / "in.parquet", [row for row, _ in expected])
     job = CaptionJob(input=str(tmp_path / "in.parquet"), output=str(tmp_path / "out"), model=tiny_model,
                      max_tokens=4, max_pixels=MAX_PIXELS)
-    found = check(job)
-    prepared = prepare(pq.read_table(tmp_path / "in.parquet"), job=job, found=found, done=NO_IDS)
-    processed = process(prepared, job=job)
-    assert processed.column("id").to_pylist() == prepared.column("id").to_pylist()
+    table = prepared(job)
+    processed = process(table, job=job)
+    assert processed.column("id").to_pylist() == table.column("id").to_pylist()
     errors = errors_by_id(processed)
     for row, pattern in expected:
         if pattern is None:
@@ -243,7 +238,7 @@ def test_process_gives_the_engine_its_inputs_and_flags_prompts_over_its_limit(ti
     engine = build_engine(job)
     assert processor_and_limit(tiny_model, 4)[1] == engine.max_prompt_tokens
     row = processed.filter(pc.equal(processed.column("id"), "good-custom")).to_pylist()[0]
-    source = prepared.filter(pc.equal(prepared.column("id"), "good-custom")).to_pylist()[0]
+    source = table.filter(pc.equal(table.column("id"), "good-custom")).to_pylist()[0]
     direct = engine.prepare(to_request(source))
     unpacked = unpack(row)
     assert unpacked.prompt_tokens == direct.prompt_tokens == row["prompt_tokens"]
@@ -252,12 +247,26 @@ def test_process_gives_the_engine_its_inputs_and_flags_prompts_over_its_limit(ti
         assert unpacked.inputs[name].dtype == tensor.dtype and torch.equal(unpacked.inputs[name], tensor)
 
 
-def test_captions_run_the_method_with_its_options_and_flag_what_the_engine_refuses(tiny_model, tmp_path):
+@pytest.mark.parametrize("options", [
+    (("protect", 16), ("merge", False)),
+    (("importance", "instruction"), ("protect_text", True), ("assign", "key")),  # as --cache-option KEY=VALUE reads them
+])
+def test_the_engine_runs_the_method_with_its_options(shards, tiny_model, tmp_path, options):
+    job = CaptionJob(input=shards, output=str(tmp_path / "out"), model=tiny_model, method="elastic", budget=0.5,
+                     max_tokens=4, cache_options=options)
+    check(job)
+    captions = Captions(job)
+    try:
+        assert captions.engine.policy == CacheConfig("elastic", 0.5, **dict(options)).policy
+    finally:
+        captions.close()
+
+
+def test_captions_flag_what_the_engine_refuses_and_keep_rows_flagged_before(tiny_model, tmp_path):
     write_rows(tmp_path / "in.parquet", good_rows(5))
     job = CaptionJob(input=str(tmp_path / "in.parquet"), output=str(tmp_path / "out"), model=tiny_model,
-                     max_tokens=4, batch_size=4, cache_options=(("protect", 16), ("merge", False)))
-    processed = process(prepare(pq.read_table(tmp_path / "in.parquet"), job=job, found=check(job), done=NO_IDS),
-                        job=job).to_pylist()
+                     max_tokens=4, batch_size=4)
+    processed = process(prepared(job), job=job).to_pylist()
     # a row the CPU stage let through that the engine refuses: a prompt over its limit
     long = {"image": Image.new("RGB", (32, 32)), "prompt": LONG_INSTRUCTION}
     over = prepare_request(processor_and_limit(tiny_model, 4)[0], long)
@@ -265,7 +274,6 @@ def test_captions_run_the_method_with_its_options_and_flag_what_the_engine_refus
     processed[3].update(inputs=None, prompt_tokens=None, error="flagged before")
     captions = Captions(job)
     try:
-        assert captions.engine.policy == CacheConfig("elastic", 0.5, protect=16, merge=False).policy
         table, numbers = captions(pa.Table.from_pylist(processed, schema=PROCESSED_SCHEMA))
     finally:
         captions.close()
@@ -283,8 +291,7 @@ def test_batches_in_flight_share_one_engine_and_each_returns_with_its_own_rows(t
     write_rows(tmp_path / "in.parquet", good_rows(12))
     job = CaptionJob(input=str(tmp_path / "in.parquet"), output=str(tmp_path / "out"), model=tiny_model,
                      max_tokens=24, max_num_seqs=4)
-    processed = process(prepare(pq.read_table(tmp_path / "in.parquet"), job=job, found=check(job), done=NO_IDS),
-                        job=job)
+    processed = process(prepared(job), job=job)
     captions = Captions(job)
     try:
         alone = captions(processed)[0].sort_by("id")
@@ -363,21 +370,23 @@ def caption(cluster, *args) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_run_on_two_nodes_flags_bad_rows_and_writes_each_id_once(cluster, tiny_model, tmp_path):
     expected = bad_rows()
-    write_rows(tmp_path / "in" / "bad.parquet", [row for row, _ in expected])
+    no_id = {"id": None, "image": png(7), "instruction": None}
+    write_rows(tmp_path / "in" / "bad.parquet", [row for row, _ in expected] + [no_id])
+    expected.append(({**no_id, "id": f"bad.parquet#{len(expected)}"}, None))
     write_rows(tmp_path / "in" / "good.parquet", good_rows(13))
     out = tmp_path / "out"
     result = caption(cluster, "--input", tmp_path / "in", "--output", out, "--model", tiny_model, "--max-tokens", 4,
                      "--num-actors", 2, "--batch-size", 3, "--max-pixels", MAX_PIXELS, "--rows-per-file", 5,
                      "--quality-sample", 3, "--min-rouge", 1.0)
-    assert "captioned 25 rows (10 errors)" in result.stdout
+    assert "captioned 25 rows (9 errors)" in result.stdout
     table = read_output(str(out))
     assert table.num_rows == 25
-    assert sorted(map(str, table.column("id").to_pylist())) == sorted(
-        [str(r["id"]) for r, _ in expected] + [f"row-{i:03d}" for i in range(13)])
+    assert sorted(table.column("id").to_pylist()) == sorted(
+        [r["id"] for r, _ in expected] + [f"row-{i:03d}" for i in range(13)])
     check_errors(table, expected)
-    assert set(table.column("method").to_pylist()) == {"elastic"} and set(table.column("budget").to_pylist()) == {0.5}
+    assert set(table.column("method").to_pylist()) == {"elastic-vl"} and set(table.column("budget").to_pylist()) == {0.6}
     metrics = json.loads((tmp_path / "out.metrics.json").read_text())
-    assert (metrics["rows"], metrics["errors"], metrics["rows_in"], metrics["rows_out"]) == (25, 10, 25, 25)
+    assert (metrics["rows"], metrics["errors"], metrics["rows_in"], metrics["rows_out"]) == (25, 9, 25, 25)
     assert metrics["output_tokens"] == sum(v for v in table.column("output_tokens").to_pylist() if v)
     assert metrics["rows_per_s"] > 0 and 0 < metrics["kv_bytes_per_seq"] < metrics["kv_bytes_full_per_seq"]
     assert metrics["num_actors"] == 2 and metrics["nodes"] == 2  # an actor on each node
@@ -390,7 +399,7 @@ def test_run_on_two_nodes_flags_bad_rows_and_writes_each_id_once(cluster, tiny_m
     assert metrics["occupancy"] == round(busy / slot_steps, 4)
     t = metrics["timings"]
     assert 0 < t["actor_start_s"] <= t["first_row_s"] < metrics["wall_s"] and t["ray_start_s"] > 0
-    assert t["steady_s"] > 0 and t["steady_rows_per_s"] == pytest.approx(15 / t["steady_s"], rel=0.01)
+    assert t["steady_s"] > 0 and t["steady_rows_per_s"] == pytest.approx(16 / t["steady_s"], rel=0.01)
     assert t["finish_s"] >= 0
     # the run's own fidelity on its first 3 good rows, and a loud warning when under --min-rouge
     quality = metrics["quality_sample"]
@@ -403,8 +412,9 @@ def test_run_on_two_nodes_flags_bad_rows_and_writes_each_id_once(cluster, tiny_m
     requests = input_sample(job, check(replace(job, output=str(tmp_path / "elsewhere"))), 3)
     model = load(tiny_model)
     with one_torch_thread():  # as in the actor, which has one CPU
-        texts, full = ([o.text for o in Engine(*model, CacheConfig(*cache).policy, engine_config(job)).generate(
-            requests, sampling(job)) if o.error is None] for cache in (("elastic", 0.5), ("full", 1.0)))
+        texts, full = ([o.text for o in Engine(*model, cache.policy, engine_config(job)).generate(
+            requests, sampling(job)) if o.error is None]
+            for cache in (CacheConfig(job.method, job.budget, **dict(job.cache_options)), CacheConfig("full", 1.0)))
     assert fidelity(texts, full) == {k: quality[k] for k in ("rouge_l", "degenerate", "degenerate_full")}
     assert quality["captioned"] == len(texts) == 2  # the long instruction is refused by both
     # quiet: the summary, and no lines of Ray's own that do not concern the user
@@ -529,6 +539,28 @@ def test_s3_input_image_paths_and_output_through_a_local_server(cluster, tiny_mo
     s3.rm("captions/out", recursive=True)
     caption(cluster, *args, "--allow-images-from", "s3://captions/elsewhere")
     assert errors_by_id(read_output("s3://captions/out", endpoint_url=s3_server))["5"] is None
+
+
+@pytest.mark.slow
+def test_webdataset_shards_on_s3_with_duplicate_keys_kept_apart(cluster, tiny_model, s3_server, monkeypatch, tmp_path):
+    for key, value in S3_ENV.items():
+        monkeypatch.setenv(key, value)
+    expected = webdataset_shards(tmp_path / "shards")
+    write_tar(tmp_path / "shards" / "00004.tar", [("000000001.png", png(20)), ("000000001.json", b"{}")])
+    expected["000000001#00004.tar#0"] = None  # a key already in 00000.tar
+    s3 = s3fs.S3FileSystem(endpoint_url=s3_server)
+    s3.mkdir("tars")
+    for shard in (tmp_path / "shards").iterdir():
+        s3.pipe(f"tars/in/{shard.name}", shard.read_bytes())
+    args = ["--input", "s3://tars/in", "--output", "s3://tars/out", "--model", tiny_model, "--max-tokens", 4,
+            "--endpoint-url", s3_server, "--batch-size", 4, "--allow-duplicate-ids"]
+    result = caption(cluster, *args)
+    errors = errors_by_id(read_output("s3://tars/out", endpoint_url=s3_server))
+    assert sorted(errors) == sorted(expected)
+    for key, pattern in expected.items():
+        assert (errors[key] is None) if pattern is None else re.search(pattern, errors[key] or ""), (key, errors[key])
+    bad = sum(p is not None for p in expected.values())
+    assert f"captioned {len(expected)} rows ({bad} errors)" in result.stdout
 
 
 def _parquet_bytes(rows: list[dict], schema: pa.Schema) -> bytes:

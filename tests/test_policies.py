@@ -1,23 +1,32 @@
 """Configuring methods, and what each baseline keeps and evicts."""
 
+from dataclasses import fields
+
 import pytest
 import torch
 
+from conftest import encode
 from elastic_ray import CacheConfig
-from elastic_ray.kv import ElasticCache, H2OCache, StreamingCache
+from elastic_ray.flags import parse_cache_option
+from elastic_ray.hf.generate import generate_compressed
+from elastic_ray.kv import METHODS, ElasticCache, ElasticVLCache, H2OCache, StreamingCache
+from elastic_ray.kv.policy import MAX_INT_OPTION
 from elastic_ray.kv.entries import apply_selection
 
 
 @pytest.mark.parametrize(
     "kwargs,message",
     [
-        ({"method": "snapkv", "budget": 0.5}, r"unknown cache method 'snapkv'; allowed: \['elastic', 'full', 'h2o', 'streaming'\]"),
+        ({"method": "snapkv", "budget": 0.5}, r"unknown cache method 'snapkv'; allowed: \['elastic', 'elastic-vl', 'full', 'h2o', 'streaming'\]"),
         ({"method": "elastic", "budget": 0.0}, r"budget must be in \(0, 1\]"),
         ({"method": "elastic", "budget": 1.5}, r"budget must be in \(0, 1\]"),
         ({"method": "elastic", "budget": "half"}, r"budget must be a number"),
-        ({"method": "elastic", "budget": 0.5, "window": 3}, r"no option\(s\) \['window'\]; allowed: \['merge', 'offset', 'positions', 'protect', 'sink'\]"),
+        ({"method": "elastic", "budget": 0.5, "window": 3}, r"no option\(s\) \['window'\]; allowed: \['assign', 'importance', 'merge', 'offset', 'positions', 'protect', 'protect_text', 'sink'\]"),
         ({"method": "streaming", "budget": 0.5, "merge": True}, r"allowed: \['sink'\]"),
         ({"method": "elastic", "budget": 0.5, "positions": "shifted"}, r"positions must be one of \('original', 'compact'\)"),
+        ({"method": "elastic", "budget": 0.5, "importance": "max"}, r"importance must be one of \('sum', 'mean', 'instruction'\)"),
+        ({"method": "elastic-vl", "budget": 0.5, "assign": "value"}, r"elastic-vl option assign must be one of \('position', 'key'\)"),
+        ({"method": "elastic", "budget": 0.5, "protect_text": "yes"}, r"elastic option protect_text must be bool"),
         ({"method": "full", "budget": 0.5}, r"budget must be 1.0"),
         ({"method": "elastic", "budget": 0.5, "protect": "16"}, r"elastic option protect must be int, got '16'"),
         ({"method": "elastic", "budget": 0.5, "offset": 2.5}, r"elastic option offset must be int"),
@@ -29,6 +38,44 @@ from elastic_ray.kv.entries import apply_selection
 def test_bad_configurations_raise_value_error_naming_what_is_allowed(kwargs, message):
     with pytest.raises(ValueError, match=message):
         CacheConfig(**kwargs)
+
+
+@pytest.mark.parametrize("method,option,value,low", [
+    ("elastic", "sink", 2**63, 0),
+    ("elastic", "protect", 10**30, 0),
+    ("elastic", "protect", MAX_INT_OPTION + 1, 0),
+    ("elastic", "sink", -1, 0),
+    ("elastic", "offset", 0, 1),
+    ("elastic-vl", "offset", 2**64, 1),
+    ("streaming", "sink", 2**40, 0),
+])
+def test_every_integer_option_is_bounded_and_refused_by_name(method, option, value, low):
+    with pytest.raises(ValueError, match=rf"{method} option {option} must be in \[{low}, {MAX_INT_OPTION}\], got {value}"):
+        CacheConfig(method, 0.5, **{option: value})
+
+
+def test_integer_options_at_their_bounds_run(tiny_llava, images):
+    for cls in METHODS.values():
+        ints = {f.name: f.metadata.get("min", 0) for f in fields(cls) if f.type is int}
+        for bound in ({name: MAX_INT_OPTION for name in ints}, ints):
+            policy = CacheConfig(cls.name, 1.0 if cls.name == "full" else 0.5, **bound).policy
+            assert policy.peak_entries(40, 8) <= 48
+            generate_compressed(tiny_llava[0], encode(tiny_llava, images), policy, max_new_tokens=3)
+
+
+def test_elastic_is_the_published_method_and_elastic_vl_the_preset():
+    published = CacheConfig("elastic", 0.5).policy
+    assert (published.protect_text, published.importance, published.assign) == (False, "sum", "position")
+    preset = CacheConfig("elastic-vl", 0.5).policy
+    assert isinstance(preset, ElasticVLCache) and preset.name == "elastic-vl"
+    assert (preset.protect_text, preset.importance, preset.assign) == (True, "instruction", "key")
+    assert (preset.sink, preset.protect, preset.offset, preset.merge) == (1, 1, MAX_INT_OPTION, True)
+    assert preset.truncation_points(torch.tensor([300, 20])).tolist() == [1, 1]  # the sink
+    # the options from a command line (--cache-option KEY=VALUE) give the same method under its own name
+    options = dict(map(parse_cache_option, ["protect_text=true", "importance=instruction", "assign=key"]))
+    assert options == {"protect_text": True, "importance": "instruction", "assign": "key"}
+    assert CacheConfig("elastic", 0.5, **options).policy == ElasticCache(budget=0.5, **options)
+    assert CacheConfig("elastic-vl", 0.5, importance="sum").policy.importance == "sum"
 
 
 def test_config_builds_the_method_with_its_options():

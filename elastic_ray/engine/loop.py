@@ -34,6 +34,19 @@ class EngineFailed(RuntimeError):
     """A step failed in a way that leaves the engine's state unknown; the loop stopped."""
 
 
+class RequestFailed(RuntimeError):
+    """Starting one submission's work failed unexpectedly (not a refusal); the loop goes on."""
+
+
+def start_failure(error: Exception, field: str, context: str = "") -> Exception:
+    """What a submission gets when its engine cannot be made or its request not added: a
+    ValueError refuses the work (`field` as in Refused), anything else fails that work alone."""
+    if isinstance(error, ValueError):
+        return Refused(f"{context}{error}", field)
+    logger.error("starting a request failed", exc_info=error)
+    return RequestFailed(f"the request could not start: {type(error).__name__}: {error}")
+
+
 @dataclass(frozen=True)
 class Work:
     """A request as the engine takes it, with its sampling and cache policy."""
@@ -81,8 +94,13 @@ class EngineLoop:
     one is dropped first, and work waits while every engine is busy. An engine holds at most
     `max_pending` requests (running and queued in it; None: no limit), so the rest wait in the
     loop, where cancelling them costs nothing. Then it steps each engine with unfinished
-    requests once and delivers the outputs. An exception from a step is a bug or a device
-    fault: every pending submission gets `EngineFailed`, the loop stops and `error` stays set.
+    requests once and delivers the outputs.
+
+    A failure to make an engine or to add a request reaches that submission alone (`Refused`
+    or `RequestFailed`): `Engine.add_request` queues the request as its last act, so a request
+    that raised left no trace. An exception from a step is a bug or a device fault that leaves
+    the engine's state unknown: every pending submission gets `EngineFailed`, the loop stops and
+    `error` stays set.
     """
 
     def __init__(self, make_engine: Callable[[CacheConfig], Engine], max_engines: int, first: CacheConfig,
@@ -228,13 +246,13 @@ class EngineLoop:
                 continue
             try:
                 engine = self._engine(work.cache)
-            except ValueError as e:
-                submission.deliver(Refused(f"cannot run {work.cache}: {e}", "cache"))
+            except Exception as e:
+                submission.deliver(start_failure(e, "cache", f"cannot run {work.cache}: "))
                 continue
             try:
                 request_id = engine.add_request(work.request, work.sampling)
-            except ValueError as e:
-                submission.deliver(Refused(str(e), "request"))
+            except Exception as e:
+                submission.deliver(start_failure(e, "request"))
                 continue
             self._running[work.cache, request_id] = submission
             self._pending[work.cache] += 1

@@ -52,7 +52,7 @@ class ModelRunner:
         positions = self.model._prepare_position_ids_for_generation(inputs["input_ids"], dict(inputs))
         if bool(inputs["attention_mask"].all()):
             del inputs["attention_mask"]  # as generate() does: no padding, no mask
-        cache = CompressedCache(self.policy, len(self.family.attentions))
+        cache = CompressedCache(self.policy, len(self.family.attentions), image=self.family.image_mask(inputs["input_ids"]))
         out = self.model(**inputs, position_ids=positions, **{self.cache_keyword: cache}, use_cache=True,
                          logits_to_keep=1)
         slots = torch.tensor([s.slot for s in seqs], device=self.device)

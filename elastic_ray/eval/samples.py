@@ -30,13 +30,17 @@ def shapes_samples(n: int, seed: int = 0) -> list[Sample]:
     return samples
 
 
-def parquet_samples(path: str, n: int | None = None, *, id_column: str = "id", image_column: str = "image",
-                    instruction_column: str = "instruction", reference_column: str = "reference") -> list[Sample]:
-    """Rows of a Parquet file or directory with encoded images, instructions and reference answers."""
+def parquet_samples(path: str, n: int | None = None, *, offset: int = 0, kind: str = "reference",
+                    id_column: str = "id", image_column: str = "image", instruction_column: str = "instruction",
+                    reference_column: str = "reference") -> list[Sample]:
+    """Rows [offset, offset + n) of a Parquet file or directory with encoded images, instructions and
+    reference answers; `kind` "caption" or "vqa" when the references are shapes ground truth."""
     table = pq.read_table(path)
     missing = [c for c in (id_column, image_column, instruction_column, reference_column) if c not in table.column_names]
     if missing:
         raise ValueError(f"{path} has no column(s) {missing}; it has {table.column_names}")
-    rows = table.slice(0, n).to_pylist() if n else table.to_pylist()
-    return [Sample(str(r[id_column]), decode_image(r[image_column]), r[instruction_column], r[reference_column], "reference")
+    rows = table.slice(offset, n).to_pylist()
+    if not rows:
+        raise ValueError(f"{path} has no rows from row {offset} on (it has {table.num_rows})")
+    return [Sample(str(r[id_column]), decode_image(r[image_column]), r[instruction_column], r[reference_column], kind)
             for r in rows]

@@ -198,10 +198,16 @@ class PolicyCache(Cache):
 
 
 class CompressedCache(PolicyCache):
-    """One `CompressedLayer` per decoder layer, for one `generate()` call."""
+    """One `CompressedLayer` per decoder layer, for one `generate()` call.
 
-    def __init__(self, policy: CachePolicy, num_layers: int):
+    `image` [B, S]: the prompt's image tokens (`Family.image_mask(input_ids)`), columns as the
+    prompt's; the caller sets it, since the hooks only see embeddings. Methods whose options read
+    it refuse to compress without it.
+    """
+
+    def __init__(self, policy: CachePolicy, num_layers: int, image: Tensor | None = None):
         super().__init__(policy, [CompressedLayer() for _ in range(num_layers)])
+        self.image = image
         self.real: Tensor | None = None  # [B, S] the raw prompt's non-pad columns
         self.order: Tensor | None = None  # [B, S] those columns first, in order
         self.history: list[Tensor] = []  # lengths after each forward, one [B] tensor per step

@@ -21,7 +21,7 @@ def generate_compressed(model: nn.Module, inputs: dict, policy: CachePolicy, fam
     """Run `model.generate(**inputs, **kwargs)` with a fresh compressed cache; returns (output, cache)."""
     family = family or family_of(model)
     check_positions(policy, family)
-    cache = CompressedCache(policy, len(family.attentions))
+    cache = CompressedCache(policy, len(family.attentions), image=family.image_mask(inputs["input_ids"]))
     install_hooks(family)
     with torch.no_grad():
         output = model.generate(**inputs, **{cache_keyword(model): cache}, **kwargs)

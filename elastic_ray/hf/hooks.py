@@ -44,19 +44,23 @@ def _attention_post_hook(cache_layers: int):
         layer = cache.layers[module.layer_idx]
         policy = cache.policy
         if not layer.compressed:
-            scores = _scores(module, kwargs, layer.keys, cache.real, cache.real, 0, policy.prompt_scores)
-            packed = None if scores is None else _pack(scores, cache.order)
-            per_head = packed if policy.prompt_scores == "kv" else None
-            layer.compress_prompt(policy.select_prompt(packed, cache.seen), cache.order, per_head)
+            scores = None
+            if policy.prompt_scores is not None:
+                queries = attention_queries(module, kwargs["hidden_states"], kwargs["position_embeddings"])
+                raw = policy.prompt_importance(queries, layer.keys, module.scaling, cache.real, cache.image)
+                scores = _pack(raw, cache.order)
+            selection = policy.select_prompt(
+                scores, cache.seen, image=None if cache.image is None else _pack(cache.image, cache.order),
+                keys=_pack(layer.keys, cache.order) if policy.prompt_keys else None,
+            )
+            layer.compress_prompt(selection, cache.order, scores if policy.prompt_scores == "kv" else None)
             if module.layer_idx == cache_layers - 1:
                 cache.end_prompt()
             return None
         layer.record_new_positions(cache.seen)
         scores = None
         if policy.decode_scores:
-            valid = layer.valid()
-            new = torch.ones(valid.shape[0], 1, dtype=torch.bool, device=valid.device)
-            layer.scores += _scores(module, kwargs, layer.keys, valid, new, layer.width - 1, "kv")
+            layer.scores += _decode_scores(module, kwargs, layer.keys, layer.valid())
             scores = layer.logical(layer.scores)
         layer.evict(cache.evicting, policy.victims(scores, layer.lengths, cache.truncation, layer.keys.shape[1]))
         if module.layer_idx == cache_layers - 1:
@@ -66,20 +70,21 @@ def _attention_post_hook(cache_layers: int):
     return hook
 
 
-def _scores(module, kwargs, keys, key_valid, query_valid, query_offset, mode):
-    """Attention each stored key received from this forward's queries, reduced as the method asks."""
-    if mode is None:
-        return None
+def _decode_scores(module, kwargs, keys, key_valid):
+    """[B, Hkv, W] attention each stored key received from this step's query, per KV head."""
     queries = attention_queries(module, kwargs["hidden_states"], kwargs["position_embeddings"])
-    sums = attention_column_sums(queries, keys, module.scaling, key_valid, query_valid, query_offset)
-    return reduce_heads(sums, mode, keys.shape[1])
+    new = torch.ones(key_valid.shape[0], 1, dtype=torch.bool, device=key_valid.device)
+    sums = attention_column_sums(queries, keys, module.scaling, key_valid, new, keys.shape[2] - 1)
+    return reduce_heads(sums, "kv", keys.shape[1])
 
 
-def _pack(scores: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
-    """Move each row's real columns to the front ([B, S] or [B, H, S], with `order` [B, S])."""
-    if scores.dim() == 3:
-        order = order[:, None, :].expand_as(scores)
-    return scores.gather(-1, order)
+def _pack(tensor: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """Move each row's real columns to the front: dim 1 of [B, S], dim 2 of [B, H, S] or [B, H, S, D];
+    `order` [B, S] (`pack_order`)."""
+    if tensor.dim() == 2:
+        return tensor.gather(1, order)
+    index = order[:, None, :, None] if tensor.dim() == 4 else order[:, None, :]
+    return tensor.gather(2, index.expand(*tensor.shape[:2], order.shape[1], *tensor.shape[3:]))
 
 
 def install_hooks(family: Family) -> None:

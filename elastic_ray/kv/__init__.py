@@ -2,14 +2,14 @@
 
 from dataclasses import fields
 
-from elastic_ray.kv.elastic import ElasticCache, compress_prompt
+from elastic_ray.kv.elastic import ElasticCache, ElasticVLCache, compress_prompt
 from elastic_ray.kv.full import FullCache
 from elastic_ray.kv.h2o import H2OCache
 from elastic_ray.kv.policy import CachePolicy
 from elastic_ray.kv.streaming import StreamingCache
 
 METHODS: dict[str, type[CachePolicy]] = {
-    cls.name: cls for cls in (FullCache, ElasticCache, H2OCache, StreamingCache)
+    cls.name: cls for cls in (FullCache, ElasticCache, ElasticVLCache, H2OCache, StreamingCache)
 }
 
 
@@ -27,4 +27,4 @@ def make_policy(method: str, budget: float = 1.0, **options) -> CachePolicy:
     return cls(budget=float(budget), **options)
 
 
-__all__ = ["CachePolicy", "ElasticCache", "FullCache", "H2OCache", "StreamingCache", "METHODS", "compress_prompt", "make_policy"]
+__all__ = ["CachePolicy", "ElasticCache", "ElasticVLCache", "FullCache", "H2OCache", "StreamingCache", "METHODS", "compress_prompt", "make_policy"]

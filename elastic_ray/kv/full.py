@@ -17,7 +17,7 @@ class FullCache(CachePolicy):
         if self.budget != 1.0:
             raise ValueError(f"method 'full' keeps every entry: budget must be 1.0, got {self.budget!r}")
 
-    def select_prompt(self, scores: Tensor | None, lengths: Tensor) -> Selection:
+    def select_prompt(self, scores: Tensor | None, lengths: Tensor, **inputs) -> Selection:
         width = int(lengths.max())
         return Selection(keep=real_mask(lengths, width)[:, None, :])
 

@@ -32,7 +32,7 @@ class H2OCache(CachePolicy):
         """Size of the recent window for a cache that keeps `kept` entries: at least the newest."""
         return (kept.float() * self.recent_ratio).floor().long().clamp(min=1)
 
-    def select_prompt(self, scores: Tensor | None, lengths: Tensor) -> Selection:
+    def select_prompt(self, scores: Tensor | None, lengths: Tensor, **inputs) -> Selection:
         """scores [B, H, T]: attention each entry received, summed over the KV head's query heads."""
         batch, heads, width = scores.shape
         kept = self.kept_counts(lengths)

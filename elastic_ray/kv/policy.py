@@ -8,6 +8,11 @@ from torch import Tensor
 
 from elastic_ray.kv.budget import EPS, peak_entries, prompt_kept
 from elastic_ray.kv.entries import Selection, real_mask
+from elastic_ray.kv.importance import prompt_importance
+
+# The largest integer option (a count of entries): far beyond any prompt or output a slot holds,
+# and small enough that no index arithmetic on it can overflow int64.
+MAX_INT_OPTION = 2**20
 
 
 @dataclass(frozen=True)
@@ -15,13 +20,16 @@ class CachePolicy:
     """A KV-cache method: what to keep after the prompt, what to evict after each token.
 
     Every method shares the budget rule of spec §10; subclasses choose *which* entries.
-    Tensors follow one layout: row b's entries packed in [0, lengths[b]).
+    Tensors follow one layout: row b's entries packed in [0, lengths[b]). Options are dataclass
+    fields; an int option is bounded by `[metadata["min"] (default 0), MAX_INT_OPTION]`, a str
+    option by `metadata["choices"]`.
     """
 
     budget: float = 1.0
 
     name: ClassVar[str]
     prompt_scores: ClassVar[str | None] = None  # None, "mean" (over query heads) or "kv" (per KV head)
+    prompt_keys: ClassVar[bool] = False  # True: `select_prompt` reads the prompt's keys
     decode_scores: ClassVar[bool] = False  # True: accumulate each new query's attention
     positions_modes: ClassVar[tuple[str, ...]] = ("original",)
 
@@ -31,6 +39,11 @@ class CachePolicy:
             kind = {"float": (int, float), "int": (int,), "bool": (bool,), "str": (str,)}[option.type.__name__]
             if not isinstance(value, kind) or (isinstance(value, bool) and option.type is not bool):
                 raise ValueError(f"{self.name} option {option.name} must be {option.type.__name__}, got {value!r}")
+            low, choices = option.metadata.get("min", 0), option.metadata.get("choices")
+            if option.type is int and not low <= value <= MAX_INT_OPTION:
+                raise ValueError(f"{self.name} option {option.name} must be in [{low}, {MAX_INT_OPTION}], got {value!r}")
+            if choices is not None and value not in choices:
+                raise ValueError(f"{self.name} option {option.name} must be one of {choices}, got {value!r}")
         if not 0.0 < self.budget <= 1.0:
             raise ValueError(f"budget must be in (0, 1], got {self.budget!r}")
 
@@ -68,8 +81,16 @@ class CachePolicy:
         """[B] per-row fixed eviction index, for methods that evict at a fixed point."""
         return torch.full_like(kept, -1)
 
-    def select_prompt(self, scores: Tensor | None, lengths: Tensor) -> Selection:
-        """Choose the prompt entries to keep; scores are [B, T] ("mean") or [B, H, T] ("kv")."""
+    def prompt_importance(self, queries: Tensor, keys: Tensor, scaling: float, real: Tensor,
+                          image: Tensor | None) -> Tensor:
+        """The scores `select_prompt` reads, from one layer's prompt pass (columns as the prompt's):
+        the column sums of attention over every real query, reduced as `prompt_scores` says."""
+        return prompt_importance(queries, keys, scaling, real, image, "sum", self.prompt_scores)
+
+    def select_prompt(self, scores: Tensor | None, lengths: Tensor, *, image: Tensor | None = None,
+                      keys: Tensor | None = None) -> Selection:
+        """Choose the prompt entries to keep, all inputs in packed order: scores [B, T] ("mean") or
+        [B, H, T] ("kv"), image [B, T] bool (the image tokens), keys [B, H, T, D] (if `prompt_keys`)."""
         raise NotImplementedError
 
     def victims(self, scores: Tensor | None, cache_lens: Tensor, truncation: Tensor, heads: int) -> Tensor:

@@ -15,16 +15,11 @@ class StreamingCache(CachePolicy):
 
     name = "streaming"
 
-    def __post_init__(self):
-        super().__post_init__()
-        if self.sink < 0:
-            raise ValueError(f"sink must be >= 0, got {self.sink!r}")
-
     @property
     def reserved(self) -> int:
         return self.sink + 1  # the sinks and the newest entry
 
-    def select_prompt(self, scores: Tensor | None, lengths: Tensor) -> Selection:
+    def select_prompt(self, scores: Tensor | None, lengths: Tensor, **inputs) -> Selection:
         recent = self.kept_counts(lengths) - self.sink
         return Selection(keep=keep_first_and_last(lengths, int(lengths.max()), self.sink, recent.clamp(min=0)))
 

@@ -19,6 +19,11 @@ class Family:
     attentions: list[nn.Module]  # one self-attention module per decoder layer
     kv_heads: int
     head_dim: int
+    image_token_id: int
+
+    def image_mask(self, input_ids: Tensor) -> Tensor:
+        """[B, S] bool: the prompt's image tokens."""
+        return input_ids == self.image_token_id
 
     def entry_bytes(self, element_size: int) -> int:
         """Bytes one cache entry takes across all layers (keys and values)."""
@@ -38,7 +43,10 @@ def family_of(model: nn.Module) -> Family:
     text = model.config.get_text_config()
     attentions = [layer.self_attn for layer in decoder.layers]
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    return Family(model_type, decoder, attentions, text.num_key_value_heads, head_dim)
+    image_token_id = getattr(model.config, "image_token_id", None)
+    if image_token_id is None:  # older LLaVA configs name it image_token_index
+        image_token_id = model.config.image_token_index
+    return Family(model_type, decoder, attentions, text.num_key_value_heads, head_dim, image_token_id)
 
 
 def attention_queries(attention: nn.Module, hidden_states: Tensor, position_embeddings: tuple[Tensor, Tensor]) -> Tensor:

@@ -41,19 +41,30 @@ def resolve(name_or_path: str) -> str:
 
 
 def check_local_model(name_or_path: str, max_tokens: int) -> None:
-    """A local model must exist and leave room for a prompt after `max_tokens` new tokens
-    (ValueError); hub ids are not looked up."""
+    """The model is 'demo', a local directory or a hub id already in the local Hugging Face cache
+    (looked up on disk, never on the network), and its context leaves room for a prompt after
+    `max_tokens` new tokens; else ValueError with a one-line reason."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
     try:
         path = resolve(name_or_path)
     except FileNotFoundError as e:
         raise ValueError(str(e)) from e
-    if Path(path).is_dir():
-        context = AutoConfig.from_pretrained(path).get_text_config().max_position_embeddings
-        if max_tokens >= context:
-            raise ValueError(f"max_tokens {max_tokens} leaves no room for a prompt in {name_or_path}'s "
-                             f"{context}-token context")
-    elif path.startswith(("/", ".", "~")):
-        raise ValueError(f"model path not found: {name_or_path}")
+    if not Path(path).is_dir():
+        if path.startswith(("/", ".", "~")):
+            raise ValueError(f"model path not found: {name_or_path}")
+        try:
+            cached = try_to_load_from_cache(path, "config.json")
+        except ValueError:  # not a valid repo id either
+            cached = None
+        if not isinstance(cached, str):
+            raise ValueError(f"model {name_or_path!r} is neither 'demo', a local directory nor in the local Hugging "
+                             f"Face cache ({constants.HF_HUB_CACHE}); download it first (hf download {name_or_path})")
+        path = str(Path(cached).parent)
+    context = AutoConfig.from_pretrained(path, local_files_only=True).get_text_config().max_position_embeddings
+    if max_tokens >= context:
+        raise ValueError(f"max_tokens {max_tokens} leaves no room for a prompt in {name_or_path}'s "
+                         f"{context}-token context")
 
 
 def load_processor(path: str, model_type: str):

@@ -1,5 +1,6 @@
 """Turn a request (image + instruction) into the model's prompt text and processor inputs."""
 
+import functools
 from dataclasses import dataclass
 
 from PIL import Image
@@ -7,6 +8,11 @@ from torch import Tensor
 
 LLAVA_FORMAT = "USER: <image>\n{prompt} ASSISTANT:"
 TEXT_TOKENS = 256  # text a prompt may add to its image tokens when no limit is configured
+# Unicode normalisation (NFC, NFKC), which a tokenizer may apply first, joins at most four code
+# points into one character (U+1F82 is the longest canonical decomposition).
+CHARS_JOINED = 4
+# Characters a token is taken to stand for at most when the vocabulary does not bound it.
+UNBOUNDED_TOKEN_CHARS = 64
 
 
 def build_prompt(processor, instruction: str) -> str:
@@ -41,13 +47,45 @@ class PreparedRequest:
     prompt_tokens: int
 
 
+@functools.lru_cache(maxsize=8)
+def longest_token_chars(tokenizer) -> int | None:
+    """The most characters of text one token can stand for: the longest vocabulary entry (added
+    tokens too) for a BPE vocabulary, whose unknown characters become byte tokens or one token
+    each; None where an unknown token can stand for any length of text (a word-level, WordPiece
+    or Unigram vocabulary, or BPE fusing unknown characters into one token)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    model = getattr(backend, "model", None)
+    if type(model).__name__ != "BPE" or (model.unk_token and model.fuse_unk and not model.byte_fallback):
+        return None
+    return max(map(len, tokenizer.get_vocab()))
+
+
+def max_instruction_chars(processor, max_prompt_tokens: int) -> int:
+    """The longest instruction that may fit in `max_prompt_tokens`. Where a token stands for at most
+    `longest_token_chars` characters of the normalised text, and normalisation joins at most
+    CHARS_JOINED characters into one, a longer instruction has more tokens than the limit whatever
+    it says. Where no vocabulary bound exists, UNBOUNDED_TOKEN_CHARS a token is the rule."""
+    chars = longest_token_chars(processor.tokenizer)
+    return max_prompt_tokens * (UNBOUNDED_TOKEN_CHARS if chars is None else chars * CHARS_JOINED)
+
+
+def check_instruction_length(processor, prompt: str, max_prompt_tokens: int) -> None:
+    """Refuse, before any tokenising, an instruction that cannot fit the prompt limit (ValueError)."""
+    limit = max_instruction_chars(processor, max_prompt_tokens)
+    if len(prompt) > limit:
+        raise ValueError(f"the instruction has {len(prompt)} characters, more than a prompt of at most "
+                         f"{max_prompt_tokens} tokens can hold ({limit}; EngineConfig.max_prompt_tokens)")
+
+
 def prepare_request(processor, request, max_prompt_tokens: int | None = None) -> PreparedRequest:
     """Check a request and run the processor on it; a bad request, or a prompt over
-    `max_prompt_tokens`, raises ValueError."""
+    `max_prompt_tokens` (an instruction too long for it is refused before tokenising), raises ValueError."""
     if isinstance(request, PreparedRequest):
         prepared = request
     else:
         image, prompt = check_request(request)
+        if max_prompt_tokens is not None:
+            check_instruction_length(processor, prompt, max_prompt_tokens)
         inputs = dict(processor(images=[image], text=[build_prompt(processor, prompt)], return_tensors="pt"))
         prepared = PreparedRequest(inputs, int(inputs["attention_mask"].sum()))
     if max_prompt_tokens is not None and prepared.prompt_tokens > max_prompt_tokens:

@@ -1,17 +1,19 @@
 """The Ray Data captioning job: shards in, exactly one caption row per input row out, resumable.
 
-    read (Parquet shards or a folder of images, local or s3://)
+    read (Parquet shards, WebDataset tar shards or a folder of images, local or s3://)
       -> prepare on CPU tasks (decode and validate the image, resolve the instruction, run the
          model's processor and check the prompt's length)
       -> caption on an actor pool, one engine loop per actor fed by several batches at once
       -> write_parquet
 
 A bad row never fails the job: it is written with `error` set and a null caption. Resume reads
-the ids already in the output's complete files and skips them; a file cut short by a kill has
-no Parquet footer and is deleted first. `run` writes `<output>.metrics.json` (measured values).
+the ids in the job's own complete output files and skips them; a file of the job's cut short by
+a kill has no Parquet footer and is deleted first; other files are left alone. `run` writes
+`<output>.metrics.json` (measured values).
 
     job.py      the settings and the checks before Ray starts
-    inputs.py   input discovery, schema and row count; a sample of good rows
+    inputs.py   the input checked before Ray: format, files, schemas, ids, row count, pieces
+    reader.py   the read stage (a Ray Data datasource), and a sample of good rows without Ray
     prepare.py  the CPU stages: decode and validate each row, then the model's processor
     actor.py    the caption actor as Ray Data runs it, and its counters (no model code)
     captions.py the caption step: one engine loop fed by several batches at once

@@ -8,6 +8,9 @@ from elastic_ray.data.images import MAX_PIXELS
 from elastic_ray.data.shapes import CAPTION_INSTRUCTION
 
 
+INPUT_FORMATS = ("parquet", "images", "webdataset")
+
+
 class JobConfigError(ValueError):
     """A bad argument, found before any cluster work starts."""
 
@@ -19,8 +22,8 @@ class CaptionJob:
     input: str
     output: str
     model: str = "demo"
-    method: str = "elastic"
-    budget: float | str = 0.5  # or "auto": calibrated on the input, see `run`
+    method: str = "elastic-vl"
+    budget: float | str = 0.6  # or "auto": calibrated on the input, see `run`
     cache_options: tuple[tuple[str, object], ...] = ()  # the method's options, e.g. (("protect", 16),)
     target_rouge: float = 0.9
     calibration_rows: int = 32
@@ -36,6 +39,8 @@ class CaptionJob:
     max_num_seqs: int = 16
     kv_cache_memory: int | float = 0.25  # per actor: bytes, or a fraction of the device's free memory
     resume: bool = False
+    input_format: str = "auto"  # or "parquet", "images", "webdataset"
+    allow_duplicate_ids: bool = False
     id_column: str = "id"
     image_column: str = "image"
     image_path_column: str | None = None
@@ -94,6 +99,9 @@ def check_settings(job: CaptionJob) -> None:
     if auto and (isinstance(job.target_rouge, bool) or not isinstance(job.target_rouge, (int, float))
                  or not 0 < job.target_rouge <= 1):
         raise JobConfigError(f"--target-rouge must be in (0, 1], got {job.target_rouge!r}")
+    if job.input_format not in ("auto", *INPUT_FORMATS):
+        raise JobConfigError(f"--input-format must be auto or one of {', '.join(INPUT_FORMATS)}, "
+                             f"got {job.input_format!r}")
     if not isinstance(job.instruction, str) or not job.instruction.strip():
         raise JobConfigError("instruction must be a non-empty string")
     _check_model(job)

@@ -10,11 +10,9 @@ a row carries cost less to move than to compute beside the engine.
 
 import functools
 import json
-import posixpath
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import torch
 from PIL import Image
 from transformers import AutoConfig
@@ -30,50 +28,28 @@ PREPARED_SCHEMA = pa.schema([
 ])
 
 
-def prepare(batch: pa.Table, *, job: CaptionJob, found, done: pa.Array) -> pa.Table:
-    """CPU stage: one prepared row (RGB pixels and prompt, or an error) per input row whose id is not in
-    `done`; finished rows are dropped before any image is read."""
+def prepare(batch: pa.Table, *, job: CaptionJob, found) -> pa.Table:
+    """CPU stage: one prepared row (RGB pixels and prompt, or an error) per row the reader yields
+    (see `reader.ROW_SCHEMA`)."""
     source = ImageSource(allowed=(found.location, *job.allow_images_from), root=found.location,
                          storage_options=job.storage_options)
-    if found.format == "images":
-        ids = [posixpath.relpath(p, found.root) for p in batch.column("path").to_pylist()]
-        images = batch.column("bytes").to_pylist()
-        instructions = [None] * len(ids)
-    else:
-        ids = batch.column(job.id_column).to_pylist()
-        images = batch.column(job.image_path_column or job.image_column).to_pylist()
-        instructions = (batch.column(found.instruction_column).to_pylist() if found.instruction_column
-                        else [None] * len(ids))
-    text_ids = pa.array([None if i is None else str(i) for i in ids], pa.string())
-    finished = pc.is_in(text_ids, value_set=done).to_pylist()
-    rows = [_prepare_row(raw_id, image, instruction, job, source)
-            for raw_id, image, instruction, skip in zip(ids, images, instructions, finished) if not skip]
+    rows = [_prepare_row(row, job, source) for row in batch.to_pylist()]
     return pa.Table.from_pylist(rows, schema=PREPARED_SCHEMA)
 
 
-def _prepare_row(raw_id, image, instruction, job: CaptionJob, source: ImageSource) -> dict:
-    row = {"id": None, "pixels": None, "width": None, "height": None, "prompt": None, "error": None}
-    if raw_id is None:
-        row["error"] = "missing id"
+def _prepare_row(read: dict, job: CaptionJob, source: ImageSource) -> dict:
+    row = {"id": read["id"], "pixels": None, "width": None, "height": None, "prompt": None, "error": read["error"]}
+    if row["error"] is not None:
         return row
-    if isinstance(raw_id, bool) or not isinstance(raw_id, (str, int)):
-        row["id"] = str(raw_id)
-        row["error"] = f"id must be a string or an integer, got {type(raw_id).__name__}"
-        return row
-    row["id"] = str(raw_id)
-    if instruction is None:
-        instruction = job.instruction
-    if not isinstance(instruction, str):
-        row["error"] = f"instruction must be a string, got {type(instruction).__name__}"
-        return row
+    instruction = job.instruction if read["instruction"] is None else read["instruction"]
     if not instruction.strip():
         row["error"] = "empty instruction"
         return row
     try:
-        if job.image_path_column:
-            picture = source.load(image, job.max_pixels)
+        if read["image_path"] is not None:
+            picture = source.load(read["image_path"], job.max_pixels)
         else:
-            picture = decode_image(image, job.max_pixels)
+            picture = decode_image(read["image"], job.max_pixels)
     except ImageError as e:
         row["error"] = str(e)
         return row

@@ -16,12 +16,13 @@ from ray.data import ActorPoolStrategy, DataContext
 
 from elastic_ray.pipeline.actor import ActorStats, Captioner
 from elastic_ray.pipeline.console import quiet_ray
-from elastic_ray.pipeline.inputs import SAMPLE_SCAN_FACTOR, Input, input_sample, inspect_input
+from elastic_ray.pipeline.inputs import Input, inspect_input
 from elastic_ray.pipeline.job import CaptionJob, JobConfigError, check_settings
 from elastic_ray.pipeline.metrics import quality_judged, quality_skipped, quality_warning, run_metrics, timings
-from elastic_ray.pipeline.output import check_output, finished_ids, parquet_files, read_files
+from elastic_ray.pipeline.output import CaptionFiles, check_output, finished_ids, our_files, read_files
 from elastic_ray.pipeline.prepare import prepare, process
 from elastic_ray.pipeline.progress import Progress
+from elastic_ray.pipeline.reader import SAMPLE_SCAN_FACTOR, input_sample, read_input
 
 logger = logging.getLogger(__name__)
 
@@ -38,10 +39,7 @@ def output_complete(job: CaptionJob, found: Input) -> bool:
     """Whether the output's files are whole and hold one row per input row with distinct ids, as a
     finished run leaves them. Reads only; no file is changed."""
     fs, root = job.filesystem(job.output)
-    try:
-        ids = read_files(fs, parquet_files(fs, root), ["id"]).column("id")
-    except pa.ArrowInvalid:  # a file cut short by a kill
-        return False
+    ids = read_files(fs, our_files(fs, root), ["id"]).column("id")  # a file cut short is not ours
     return len(ids) == found.rows and pc.count_distinct(ids).as_py() == len(ids) - ids.null_count
 
 
@@ -129,7 +127,7 @@ def _execute(job: CaptionJob, found: Input, ray_start_s: float, calibration: dic
     out_fs, out_root = job.filesystem(job.output)
     done = finished_ids(out_fs, out_root) if job.resume else pa.array([], pa.string())
     earlier = _earlier_runs(job) if job.resume else []
-    before = set(parquet_files(out_fs, out_root))
+    before = set(our_files(out_fs, out_root))
     stats = ActorStats.remote()
     measured = isinstance(quality, list)  # else the entry saying why there is no sample
     # the requests nested in a list: only the actor that measures them fetches them
@@ -149,7 +147,7 @@ def _execute(job: CaptionJob, found: Input, ray_start_s: float, calibration: dic
             quality = quality_judged(job, ray.get(stats.sample.remote()))
     finally:
         ray.kill(stats)
-    files = parquet_files(out_fs, out_root)
+    files = our_files(out_fs, out_root)
     columns = ["id", "error", "prompt_tokens", "output_tokens", "kv_bytes", "latency_ms"]
     output = read_files(out_fs, files, columns)
     this_run = read_files(out_fs, [f for f in files if f not in before], columns)
@@ -184,7 +182,6 @@ def _earlier_runs(job: CaptionJob) -> list[dict]:
 
 def _write_captions(job: CaptionJob, found: Input, done: pa.Array, stats, to_measure: dict) -> None:
     """The Ray Data pipeline: read -> prepare -> process -> caption -> write_parquet."""
-    in_fs, _ = job.filesystem(job.input)
     out_fs, out_root = job.filesystem(job.output)
     context = DataContext.get_current()
     context.enable_progress_bars = False  # `Progress` prints one line instead
@@ -192,14 +189,8 @@ def _write_captions(job: CaptionJob, found: Input, done: pa.Array, stats, to_mea
     # any read task ran, so the CPU stages (and their processor's load) would follow it instead of
     # overlapping it. A pool the cluster cannot place still fails, by Ray Data's no-progress guard
     # (`execution_no_progress_timeout_s`, 30 minutes by default).
-    source = PyFileSystem(FSSpecHandler(in_fs))
-    if found.format == "parquet":
-        ds = ray.data.read_parquet(found.files, filesystem=source).select_columns(found.columns)
-    else:
-        ds = ray.data.read_binary_files(found.files, include_paths=True, filesystem=source)
-    # Whole read blocks: the set of finished ids is hashed once per block, not once per batch.
-    ds = ds.map_batches(prepare, batch_size=None, batch_format="pyarrow",
-                        fn_kwargs={"job": job, "found": found, "done": done})
+    ds = read_input(job, found, done)
+    ds = ds.map_batches(prepare, batch_size=None, batch_format="pyarrow", fn_kwargs={"job": job, "found": found})
     ds = ds.map_batches(process, batch_size=job.batch_size, batch_format="pyarrow", fn_kwargs={"job": job})
     # Blocks of one batch each, so every actor gets work however few and large the input files are.
     ds = ds.repartition(target_num_rows_per_block=job.batch_size)
@@ -212,5 +203,6 @@ def _write_captions(job: CaptionJob, found: Input, done: pa.Array, stats, to_mea
                         num_cpus=job.cpus_per_actor, num_gpus=job.gpus_per_actor or None,
                         fn_constructor_kwargs={"job": job, "stats": stats, **to_measure},
                         udf_modifying_row_count=False)
-    ds.write_parquet(out_root, filesystem=PyFileSystem(FSSpecHandler(out_fs)), min_rows_per_file=job.rows_per_file)
+    ds.write_parquet(out_root, filesystem=PyFileSystem(FSSpecHandler(out_fs)), min_rows_per_file=job.rows_per_file,
+                     filename_provider=CaptionFiles())
 
