@@ -102,7 +102,7 @@ DEMO_V2 = DemoSpec(
     name="demo-v2", scene_rng=shapes_v2.detailed_scene_rng, scenes_from=shapes_v2.detailed_scenes_from,
     image_size=shapes_v2.IMAGE_SIZE, patch_size=16, vocab_size=512, system_prompt=LLAVA_SYSTEM_PROMPT,
     max_new_tokens=128,  # a four-object description with an occlusion is about 100 tokens
-    max_positions=1024, vision_hidden=128, vision_layers=4, text_hidden=192, text_layers=6, heads=4,
+    max_positions=1024, vision_hidden=128, vision_layers=3, text_hidden=192, text_layers=6, heads=4,
 )
 SPECS = {spec.name: spec for spec in (DEMO_V1, DEMO_V2)}
 
