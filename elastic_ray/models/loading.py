@@ -7,7 +7,9 @@ import torch
 import transformers
 from transformers import AutoConfig
 
-DEMO_DIR = Path(__file__).parent / "demo"
+# The shipped demo models' weights; their build and training code (elastic_ray.demo) is never imported here.
+DEMO_ROOT = Path(__file__).parents[1] / "demo"
+DEMO_MODELS = {"demo": "v1", "demo-v2": "v2"}
 # transformers' names for each model type: imported on first use (its processing and modeling code
 # costs seconds to import, which a job's driver, needing only configs, never pays)
 MODEL_CLASSES = {
@@ -31,12 +33,20 @@ def image_only_processor(model_type: str):
     return ImageOnly
 
 
+def demo_dir(name: str) -> Path:
+    """The weight folder of a demo model by name ('demo', 'demo-v2'), whether or not it is trained yet."""
+    return DEMO_ROOT / DEMO_MODELS[name]
+
+
 def resolve(name_or_path: str) -> str:
-    """'demo' is the model shipped in the package; anything else is a local path or a hub id."""
-    if name_or_path == "demo":
-        if not (DEMO_DIR / "config.json").exists():
-            raise FileNotFoundError(f"the demo model is missing from {DEMO_DIR}; train it with jobs/train_demo.py")
-        return str(DEMO_DIR)
+    """A demo model's name ('demo', 'demo-v2') gives its folder in the package; anything else is a
+    local path or a hub id."""
+    if name_or_path in DEMO_MODELS:
+        path = demo_dir(name_or_path)
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"the {name_or_path} model is missing from {path}; "
+                                    f"train it with jobs/train_demo.py --config {name_or_path}")
+        return str(path)
     return str(name_or_path)
 
 
