@@ -14,7 +14,7 @@ from transformers.utils import logging as transformers_logging
 
 from elastic_ray.config import CacheConfig, EngineConfig, SamplingParams
 from elastic_ray.engine.engine import Engine
-from elastic_ray.engine.loop import EngineLoop, Refused, Submission, Work
+from elastic_ray.engine.loop import EngineLoop, Refused, RequestFailed, Submission, Work
 from elastic_ray.models.loading import load
 from elastic_ray.outputs import RequestOutput
 from elastic_ray.pipeline.actor import OUTPUT_SCHEMA
@@ -73,6 +73,8 @@ class BatchResult:
             row = self.rows[i]
             if isinstance(event, Refused):
                 row["error"] = f"refused by the engine: {event}"
+            elif isinstance(event, RequestFailed):  # this row alone could not start
+                row["error"] = str(event)
             elif isinstance(event, Exception):  # the loop stopped: the batch fails
                 self.failure = event
             elif event.finish_reason == "error":
