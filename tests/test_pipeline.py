@@ -312,6 +312,29 @@ def test_batches_in_flight_share_one_engine_and_each_returns_with_its_own_rows(t
     assert (shared.busy_slots - before.busy_slots) / (shared.slots - before.slots) > 0.95
 
 
+def test_a_row_that_fails_to_start_is_its_own_error_and_its_batch_goes_on(tiny_model, tmp_path, monkeypatch):
+    write_rows(tmp_path / "in.parquet", good_rows(3))
+    job = CaptionJob(input=str(tmp_path / "in.parquet"), output=str(tmp_path / "out"), model=tiny_model, max_tokens=4)
+    processed = process(prepared(job), job=job)
+    captions = Captions(job)
+    add_request, calls = captions.engine.add_request, []
+
+    def second_fails(request, sampling):  # a fault the engine did not foresee, on the batch's second row
+        calls.append(request)
+        if len(calls) == 2:
+            raise OSError("device lost")
+        return add_request(request, sampling)
+
+    monkeypatch.setattr(captions.engine, "add_request", second_fails)
+    try:
+        table, numbers = captions(processed)
+    finally:
+        captions.close()
+    errors = dict(zip(table.column("id").to_pylist(), table.column("error").to_pylist()))
+    assert errors == {"row-000": None, "row-001": "the request could not start: OSError: device lost", "row-002": None}
+    assert numbers["errors"] == 1 and all(table.column("caption").to_pylist()[i] for i in (0, 2))
+
+
 # --- Whole runs on a two-node Ray cluster ----------------------------------------------------
 
 
@@ -438,16 +461,22 @@ def _captioners(raylets: list[int]) -> dict[int, bool]:
     return found
 
 
+ROWS_OUTLASTING_A_RESTART = 160
+
+
 @pytest.mark.slow
 def test_a_killed_actor_is_replaced_and_every_row_still_arrives(cluster, tiny_model, tmp_path):
     (tmp_path / "in").mkdir()
-    for i in range(60):
-        (tmp_path / "in" / f"{i:02d}.png").write_bytes(png(i))
+    for i in range(ROWS_OUTLASTING_A_RESTART):
+        (tmp_path / "in" / f"{i:03d}.png").write_bytes(png(i))
     (tmp_path / "in" / "broken.png").write_bytes(b"\x89PNG broken")
     out = tmp_path / "out"
+    # two slots an actor: the rows left after the kill outlast the replacement's start (a loaded
+    # machine takes tens of seconds), so the replacement is seen to take work
     job = subprocess.Popen(
         caption_command(cluster, "--input", tmp_path / "in", "--output", out, "--model", tiny_model,
-                        "--max-tokens", 64, "--num-actors", 2, "--batch-size", 2, "--rows-per-file", 2),
+                        "--max-tokens", 64, "--num-actors", 2, "--batch-size", 2, "--max-num-seqs", 2,
+                        "--batches-in-flight", 1, "--rows-per-file", 2),
         cwd=REPO, env=cluster["env"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 180
     # rows are written and both actors are constructed (the first rows go to the first actor up)
@@ -461,10 +490,11 @@ def test_a_killed_actor_is_replaced_and_every_row_still_arrives(cluster, tiny_mo
     finished = cluster["service"].communicate(job, timeout=300)
     assert finished.returncode == 0, finished.stderr[-4000:]
     table = read_output(str(out))
-    assert sorted(table.column("id").to_pylist()) == sorted([f"{i:02d}.png" for i in range(60)] + ["broken.png"])
+    assert sorted(table.column("id").to_pylist()) == sorted(
+        [f"{i:03d}.png" for i in range(ROWS_OUTLASTING_A_RESTART)] + ["broken.png"])
     assert errors_by_id(table)["broken.png"].startswith("undecodable")
     metrics = json.loads((tmp_path / "out.metrics.json").read_text())
-    assert metrics["rows_out"] == 61 and metrics["unique_ids"] == 61
+    assert metrics["rows_out"] == metrics["unique_ids"] == ROWS_OUTLASTING_A_RESTART + 1
     assert victims[0] not in [a["pid"] for a in metrics["actors"]]
     assert sorted(a["starts"] for a in metrics["actors"]) == [1, 2]
 
