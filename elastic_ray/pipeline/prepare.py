@@ -3,9 +3,11 @@ instruction (`prepare`), then run the model's processor on it and check the prom
 (`process`), so a bad row becomes an error row and the actors' engines get model inputs ready
 to run.
 
-Measured on the demo (README, The captioning job): the processor costs about 1.9 ms a row, while
-the actor unpacks a processed row from the object store in about 0.05 ms; the 150 KB of tensors
-a row carries cost less to move than to compute beside the engine.
+Measured on the demo (README, The captioning job; `jobs/object_store_cost.py`): a processed row
+carries 154 KB of tensors against a decoded row's 38 KB, which costs 0.09 ms more a row to put
+in the object store (getting either is 0.007 ms a row on one node), while the actor makes its
+requests in 0.14 ms a row from the tensors against 1.37 ms through the processor: the tensors
+cost less to move than to compute beside the engine.
 """
 
 import functools
