@@ -1,33 +1,10 @@
 """Plain configuration records: which cache method, how to sample, how large the engine is."""
 
-import argparse
-import json
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from elastic_ray.kv import CachePolicy
-
-
-def parse_cache_option(text: str) -> tuple[str, object]:
-    """A method option from a command line (argparse type), `KEY=VALUE`: the value read as JSON
-    (16, false) or else kept as a string (original)."""
-    key, equals, value = text.partition("=")
-    if not equals or not key.strip():
-        raise argparse.ArgumentTypeError(f"a cache option looks like KEY=VALUE (protect=16), got {text!r}")
-    try:
-        return key.strip(), json.loads(value)
-    except json.JSONDecodeError:
-        return key.strip(), value
-
-
-def parse_kv_memory(text: str) -> int | float:
-    """KV memory from a command line (argparse type): bytes (an integer) or a fraction of free
-    memory (0.25, 1e-3)."""
-    try:
-        return float(text) if any(c in text for c in ".eE") else int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"bytes (an integer) or a fraction (0.25), got {text!r}") from None
 
 
 class CacheConfig:

@@ -17,7 +17,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from elastic_ray.pipeline import CaptionJob, check
+from elastic_ray.pipeline.job import CaptionJob
+from elastic_ray.pipeline.run import check
 
 
 def write_input(folder: str, rows: int, files: int, image_bytes: int) -> None:

@@ -16,8 +16,9 @@ import signal
 
 from pydantic import ValidationError
 
-from elastic_ray.config import parse_cache_option, parse_kv_memory
+from elastic_ray.flags import add_engine_flags, engine_settings
 from elastic_ray.serving.settings import ServeConfig
+
 
 def parser() -> argparse.ArgumentParser:
     d = ServeConfig.model_construct()  # the defaults, unvalidated: validating imports torch
@@ -29,14 +30,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--route-prefix", default="/", help="where the application's routes start")
     p.add_argument("--model", default=d.model, help="'demo', a local path or a hub id")
     p.add_argument("--served-model-name", help="the name clients pass as `model` (default: --model)")
-    p.add_argument("--method", default=d.method, help="default cache method: full, elastic (the paper's), elastic-vl, h2o or streaming")
-    p.add_argument("--budget", type=float, default=d.budget, help="default fraction of KV entries kept, in (0, 1]")
-    p.add_argument("--max-tokens", type=int, default=d.max_tokens, help="the most tokens a request may generate")
-    p.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs, help="sequences an engine decodes at once")
-    p.add_argument("--cache-option", action="append", default=[], type=parse_cache_option, metavar="KEY=VALUE",
-                   help="an option of the default method (repeatable), e.g. protect=16 for elastic")
-    p.add_argument("--kv-cache-memory", type=parse_kv_memory, default=d.kv_cache_memory,
-                   help="KV memory of each engine: bytes, or a fraction of the device's free memory")
+    add_engine_flags(p, d)  # the default cache policy; a request may ask for another
     p.add_argument("--max-engines", type=int, default=d.max_engines,
                    help="engines (one per requested method and budget) a replica keeps")
     p.add_argument("--max-pixels", type=int, default=d.max_pixels)
@@ -61,9 +55,7 @@ def parser() -> argparse.ArgumentParser:
 
 def config_from(args: argparse.Namespace) -> ServeConfig:
     return ServeConfig(
-        model=args.model, served_model_name=args.served_model_name, method=args.method, budget=args.budget,
-        cache_options=dict(args.cache_option),
-        max_tokens=args.max_tokens, max_num_seqs=args.max_num_seqs, kv_cache_memory=args.kv_cache_memory,
+        **engine_settings(args), model=args.model, served_model_name=args.served_model_name,
         max_engines=args.max_engines, max_pixels=args.max_pixels, allow_images_from=tuple(args.allow_images_from),
         max_body_bytes=args.max_body_bytes, fetch_timeout_s=args.fetch_timeout,
         max_concurrent_fetches=args.max_concurrent_fetches,

@@ -14,10 +14,12 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from elastic_ray.models.synthetic import random_llava
-from elastic_ray.pipeline import CaptionJob, check, prepare
 from elastic_ray.pipeline.actor import OUTPUT_SCHEMA
-from elastic_ray.pipeline.prepare import PREPARED_SCHEMA
+from elastic_ray.pipeline.job import CaptionJob
+from elastic_ray.pipeline.prepare import PREPARED_SCHEMA, prepare
 from elastic_ray.pipeline.reader import read_rows
+from elastic_ray.pipeline.run import check
+
 
 def ray_env() -> dict:
     """Environment for a test cluster and its clients: token auth on with a fresh token, and Ray

@@ -109,7 +109,7 @@ def test_a_killed_run_resumes_with_every_id_exactly_once(head, tmp_path):
     out = tmp_path / "out"
     command = [sys.executable, "jobs/caption.py", "--address", head["gcs"], "--input", str(tmp_path / "in"),
                "--output", str(out), "--model", model, "--max-tokens", "48", "--batch-size", "2",
-               "--rows-per-file", "2", "--no-progress"]
+               "--rows-per-file", "2", "--no-progress", "--quality-sample", "0"]
     first = subprocess.Popen(command, cwd=REPO, env=head["env"], stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
     deadline = time.time() + 180
@@ -132,6 +132,18 @@ def test_a_killed_run_resumes_with_every_id_exactly_once(head, tmp_path):
     (out / "someone-elses.parquet").unlink()
     ids = read_output(str(out)).column("id").to_pylist()
     assert sorted(ids) == sorted(expected)
-    metrics = json.loads((tmp_path / "out.metrics.json").read_text())
-    assert metrics["resumed_rows"] >= partial and metrics["rows"] == 40 - metrics["resumed_rows"]
-    assert (metrics["rows_in"], metrics["rows_out"], metrics["unique_ids"]) == (40, 40, 40)
+    metrics_file = tmp_path / "out.metrics.json"
+    metrics = json.loads(metrics_file.read_text())
+    # the metrics are the whole output's; this run's rows and rate apart; the killed run left no record
+    assert metrics["resumed_rows"] >= partial and metrics["this_run"]["rows"] == 40 - metrics["resumed_rows"]
+    assert (metrics["rows"], metrics["rows_in"], metrics["rows_out"], metrics["unique_ids"]) == (40, 40, 40, 40)
+    assert [r["rows"] for r in metrics["runs"]] == [metrics["this_run"]["rows"]]
+
+    # resuming the finished output: said so, exit 0, nothing touched, no Ray (nothing listens at port 1)
+    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in tmp_path.rglob("*") if p.is_file()}
+    finished = subprocess.run([*command[:command.index("--address")], "--address", "127.0.0.1:1",
+                               *command[command.index("--address") + 2:], "--resume"],
+                              cwd=REPO, env=head["env"], capture_output=True, text=True, timeout=120)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert "already holds a caption for every input row; nothing to do" in finished.stdout
+    assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in tmp_path.rglob("*") if p.is_file()} == before

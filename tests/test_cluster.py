@@ -185,7 +185,7 @@ def command_problems(text: str) -> list[str]:
 
 
 def caption_defaults() -> dict:
-    from elastic_ray.pipeline import CaptionJob
+    from elastic_ray.pipeline.job import CaptionJob
 
     d = CaptionJob(input="", output="")
     return {"--num-actors": d.num_actors, "--gpus-per-actor": d.gpus_per_actor, "--cpus-per-actor": d.cpus_per_actor}

@@ -1,4 +1,9 @@
-"""The bundled demo VLM loads offline and captions test scenes from the image."""
+"""The bundled demo VLM loads offline and captions test scenes from the image; the runtime never
+imports the demo's build and training code."""
+
+import os
+import subprocess
+import sys
 
 import huggingface_hub
 import pytest
@@ -6,8 +11,12 @@ from PIL import Image
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from elastic_ray.data.shapes import BACKGROUND, CAPTION_INSTRUCTION, caption_exact_match, make_scenes, object_f1
-from elastic_ray.models.demo_build import DEMO_DIR, MAX_NEW_TOKENS, format_prompt
-from elastic_ray.models.demo_quality import generate_answers
+from elastic_ray.demo.build import DEMO_V1
+from elastic_ray.demo.quality import CAPTION_TOKENS, generate_answers
+from elastic_ray.models.loading import demo_dir
+
+DEMO_DIR = demo_dir("demo")
+format_prompt = DEMO_V1.format_prompt
 
 N = 8
 
@@ -49,7 +58,7 @@ def test_processor_expands_image_token(demo, scenes):
 def test_captions_test_scenes(demo, scenes):
     model, processor = demo
     captions = generate_answers(model, processor, [s.image for s in scenes], [CAPTION_INSTRUCTION] * N,
-                                MAX_NEW_TOKENS, batch_size=N)
+                                CAPTION_TOKENS, batch_size=N)
     exact = sum(caption_exact_match(c, s.caption) for c, s in zip(captions, scenes))
     assert exact >= 6, list(zip(captions, [s.caption for s in scenes]))
 
@@ -57,7 +66,7 @@ def test_captions_test_scenes(demo, scenes):
 def test_blank_images_collapse(demo, scenes):
     model, processor = demo
     blanks = [Image.new("RGB", s.image.size, (BACKGROUND,) * 3) for s in scenes]
-    captions = generate_answers(model, processor, blanks, [CAPTION_INSTRUCTION] * N, MAX_NEW_TOKENS, batch_size=N)
+    captions = generate_answers(model, processor, blanks, [CAPTION_INSTRUCTION] * N, CAPTION_TOKENS, batch_size=N)
     assert sum(caption_exact_match(c, s.caption) for c, s in zip(captions, scenes)) <= 1
     assert sum(object_f1(c, s.caption) for c, s in zip(captions, scenes)) / N < 0.4
 
@@ -70,6 +79,31 @@ def test_llm_demo_loads_by_name_and_captions_on_the_engine(scenes):
     assert model.config.model_type == "llava" and sum(p.numel() for p in model.parameters()) < 5e6
     llm = LLM("demo")
     outs = llm.generate([{"image": s.image, "prompt": CAPTION_INSTRUCTION} for s in scenes],
-                        SamplingParams(max_tokens=MAX_NEW_TOKENS))
+                        SamplingParams(max_tokens=CAPTION_TOKENS))
     assert all(o.finish_reason == "stop" for o in outs)  # ends on its own EOS
     assert sum(caption_exact_match(o.text, s.caption) for o, s in zip(outs, scenes)) >= 6
+
+
+def test_the_runtime_never_imports_the_demo_training_code():
+    """Importing the package, the engine, the pipeline and the server, and serving the demo model
+    with LLM, loads nothing from elastic_ray.demo (the weights are read as files)."""
+    script = (
+        "import sys\n"
+        "import elastic_ray, elastic_ray.llm, elastic_ray.engine.engine, elastic_ray.pipeline, elastic_ray.serving\n"
+        "import elastic_ray.models.loading, elastic_ray.eval.sweep\n"
+        "from elastic_ray import LLM\n"
+        "LLM('demo')\n"
+        "print(sorted(m for m in sys.modules if m.startswith('elastic_ray.demo')))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_an_untrained_demo_model_is_named_with_the_command_that_trains_it(monkeypatch, tmp_path):
+    from elastic_ray.models import loading
+
+    monkeypatch.setattr(loading, "DEMO_ROOT", tmp_path)
+    with pytest.raises(FileNotFoundError, match="--config demo-v2"):
+        loading.resolve("demo-v2")

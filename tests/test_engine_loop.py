@@ -5,6 +5,7 @@ reaches that request alone, a failing step every request."""
 import io
 import queue
 import threading
+import time
 
 import pytest
 
@@ -14,7 +15,8 @@ from conftest import INSTRUCTIONS
 from elastic_ray import LLM, CacheConfig, EngineConfig, SamplingParams
 from elastic_ray.data.shapes import png_bytes
 from elastic_ray.engine.engine import Engine
-from elastic_ray.engine.loop import EngineFailed, EngineLoop, LoopStopped, Refused, RequestFailed, Submission, Work
+from elastic_ray.engine.loop import (EngineFailed, EngineLoop, LoopStats, LoopStopped, Refused, RequestFailed,
+                                     Submission, Work)
 
 ENGINE = EngineConfig(kv_cache_memory=2**24, max_num_seqs=4, max_tokens=8)
 ELASTIC, FULL = CacheConfig("elastic", 0.5), CacheConfig("full", 1.0)
@@ -203,3 +205,53 @@ def test_cancelled_work_is_withdrawn_whether_it_runs_or_waits(tiny_llava, images
     assert engine.aborted == 1 and not engine.has_unfinished() and waiting_events.empty()
     delivered = [events.get_nowait() for _ in range(events.qsize())]
     assert delivered and not any(e.finished for e in delivered) and len(delivered[-1].token_ids) < 200
+
+
+def test_an_engine_holds_at_most_max_pending_requests_and_the_rest_wait_in_the_loop(tiny_llava, images):
+    sampling = SamplingParams(max_tokens=6, ignore_eos=True)
+    made = []
+    loop = EngineLoop(lambda cache: made.append(Engine(*tiny_llava, cache.policy, ENGINE)) or made[-1], 1, ELASTIC,
+                      max_pending=5)
+    held, real_step = [], made[0].step
+
+    def step():  # the requests the engine holds (running and queued) at each step
+        held.append(len(made[0].scheduler.running) + len(made[0].scheduler.waiting))
+        return real_step()
+
+    made[0].step = step
+    try:
+        queues = submit_all(loop, [Work(r, sampling, ELASTIC) for r in requests(images, 12)])
+        outputs = [last_event(q) for q in queues]
+    finally:
+        loop.close()
+    assert max(held) == 5 and all(o.finish_reason == "length" for o in outputs)
+    expected = LLM(tiny_llava, cache=ELASTIC, engine=ENGINE).generate(requests(images, 12), sampling)
+    assert sorted(o.token_ids for o in outputs) == sorted(e.token_ids for e in expected)
+
+
+def test_the_loop_measures_occupancy_and_its_wait_for_work(tiny_llava, images):
+    sampling = SamplingParams(max_tokens=6, ignore_eos=True)
+    loop = make_loop(tiny_llava)
+
+    def run(n):  # n requests submitted at once, to their last outputs
+        queues = [queue.Queue() for _ in range(n)]
+        loop.submit_all([Submission(Work(r, sampling, ELASTIC), q.put) for r, q in zip(requests(images, n), queues)])
+        return [last_event(q) for q in queues]
+
+    try:
+        time.sleep(0.1)
+        assert loop.stats() == LoopStats()  # nothing counted before the first submission, not even waiting
+        run(8)
+        full = loop.stats()
+        time.sleep(0.3)  # idle: counted as waiting once new work ends it
+        run(2)
+        half = loop.stats()
+    finally:
+        loop.close()
+    # 8 requests on 4 slots: two rounds of 5 decode steps with every slot busy
+    assert (full.decode_steps, full.busy_slots, full.slots, full.occupancy) == (10, 40, 40, 1.0)
+    assert full.wait_s == 0 and full.step_s > 0
+    # then 2 requests on 4 slots: 5 decode steps with half the slots busy
+    assert (half.decode_steps - full.decode_steps, half.busy_slots - full.busy_slots) == (5, 10)
+    assert half.occupancy == 50 / 60 and half.wait_s - full.wait_s >= 0.3
+    assert loop.stats() == half  # the wait after the last work, ended by close, is not counted

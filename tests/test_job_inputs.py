@@ -18,7 +18,9 @@ from captioning import (
 )
 from conftest import special_files, within
 from elastic_ray.data.shapes import CAPTION_INSTRUCTION
-from elastic_ray.pipeline import CaptionJob, JobConfigError, check, finished_ids
+from elastic_ray.pipeline.job import CaptionJob, JobConfigError
+from elastic_ray.pipeline.output import finished_ids
+from elastic_ray.pipeline.run import check
 
 ROWS = pa.schema([("id", pa.string()), ("image", pa.binary()), ("instruction", pa.string())])
 HF_IMAGE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])

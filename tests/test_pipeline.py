@@ -1,6 +1,7 @@
 """The captioning pipeline: argument checks, the prepare and caption steps on their own, then whole
 runs on a real two-node Ray cluster (bad rows, a killed actor, s3:// through a local moto server)."""
 
+import contextlib
 import json
 import os
 import re
@@ -9,28 +10,39 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
 import fsspec
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import s3fs
 import torch
+from PIL import Image
 
 from captioning import (
-    MAX_PIXELS, bad_rows, check_errors, errors_by_id, good_rows, png, prepared, ray_env, read_output,
-    save_tiny_model, webdataset_shards, write_output_file, write_rows, write_tar,
+    LONG_INSTRUCTION, MAX_PIXELS, bad_rows, check_errors, errors_by_id, good_rows, png, prepared, ray_env,
+    read_output, save_tiny_model, webdataset_shards, write_output_file, write_rows, write_tar,
 )
 from processes import Service
 from elastic_ray import CacheConfig
 from elastic_ray.data.images import decode_image
 from elastic_ray.data.shapes import CAPTION_INSTRUCTION, write_shards
 from elastic_ray.eval.samples import Sample
+from elastic_ray.eval.spot_check import fidelity
 from elastic_ray.eval.sweep import Cell, run_cell
 from elastic_ray.models.loading import load
-from elastic_ray.pipeline import Captions, CaptionJob, JobConfigError, check, finished_ids, input_sample
+from elastic_ray.models.prompts import prepare_request
+from elastic_ray.engine.engine import Engine
+from elastic_ray.pipeline.captions import Captions, build_engine, engine_config, sampling
+from elastic_ray.pipeline.job import CaptionJob, JobConfigError
+from elastic_ray.pipeline.output import finished_ids
+from elastic_ray.pipeline.prepare import PROCESSED_SCHEMA, pack, process, processor_and_limit, to_request, unpack
+from elastic_ray.pipeline.reader import input_sample
+from elastic_ray.pipeline.run import check
 
 REPO = Path(__file__).parents[1]
 
@@ -113,7 +125,7 @@ def test_cli_refuses_bad_arguments_before_starting_ray(shards, tmp_path, args, m
     assert not (tmp_path / "out").exists()
 
 
-# --- The two steps, without Ray -------------------------------------------------------------
+# --- The steps, without Ray ------------------------------------------------------------------
 
 
 def test_prepare_flags_bad_images_and_instructions(tmp_path):
@@ -126,7 +138,7 @@ def test_prepare_flags_bad_images_and_instructions(tmp_path):
     assert table.num_rows == len(expected)
     errors = errors_by_id(table)
     for row, pattern in expected:
-        if pattern is None or pattern.startswith("refused by the engine"):  # the engine judges prompt length
+        if pattern is None or pattern.startswith("refused by the engine"):  # `process` judges prompt length
             assert errors[row["id"]] is None
         else:
             assert errors[row["id"]] and re.search(pattern, errors[row["id"]]), (row["id"], errors[row["id"]])
@@ -208,6 +220,33 @@ def test_finished_ids_drops_the_jobs_files_cut_short(tmp_path):
     assert sorted(os.listdir(tmp_path)) == [OURS.format(0)]
 
 
+def test_process_gives_the_engine_its_inputs_and_flags_prompts_over_its_limit(tiny_model, tmp_path):
+    expected = bad_rows()
+    write_rows(tmp_path / "in.parquet", [row for row, _ in expected])
+    job = CaptionJob(input=str(tmp_path / "in.parquet"), output=str(tmp_path / "out"), model=tiny_model,
+                     max_tokens=4, max_pixels=MAX_PIXELS)
+    table = prepared(job)
+    processed = process(table, job=job)
+    assert processed.column("id").to_pylist() == table.column("id").to_pylist()
+    errors = errors_by_id(processed)
+    for row, pattern in expected:
+        if pattern is None:
+            assert errors[row["id"]] is None
+        else:
+            assert errors[row["id"]] and re.search(pattern, errors[row["id"]]), (row["id"], errors[row["id"]])
+    # the CPU stage's limit is the engine's, and its tensors are the processor's own
+    engine = build_engine(job)
+    assert processor_and_limit(tiny_model, 4)[1] == engine.max_prompt_tokens
+    row = processed.filter(pc.equal(processed.column("id"), "good-custom")).to_pylist()[0]
+    source = table.filter(pc.equal(table.column("id"), "good-custom")).to_pylist()[0]
+    direct = engine.prepare(to_request(source))
+    unpacked = unpack(row)
+    assert unpacked.prompt_tokens == direct.prompt_tokens == row["prompt_tokens"]
+    assert unpacked.inputs.keys() == direct.inputs.keys()
+    for name, tensor in direct.inputs.items():
+        assert unpacked.inputs[name].dtype == tensor.dtype and torch.equal(unpacked.inputs[name], tensor)
+
+
 @pytest.mark.parametrize("options", [
     (("protect", 16), ("merge", False)),
     (("importance", "instruction"), ("protect_text", True), ("assign", "key")),  # as --cache-option KEY=VALUE reads them
@@ -216,23 +255,97 @@ def test_the_engine_runs_the_method_with_its_options(shards, tiny_model, tmp_pat
     job = CaptionJob(input=shards, output=str(tmp_path / "out"), model=tiny_model, method="elastic", budget=0.5,
                      max_tokens=4, cache_options=options)
     check(job)
-    assert Captions(job).llm.engine.policy == CacheConfig("elastic", 0.5, **dict(options)).policy
+    captions = Captions(job)
+    try:
+        assert captions.engine.policy == CacheConfig("elastic", 0.5, **dict(options)).policy
+    finally:
+        captions.close()
 
 
-def test_captions_flag_prompts_the_engine_refuses(tiny_model, tmp_path):
-    expected = bad_rows()
-    write_rows(tmp_path / "in.parquet", [row for row, _ in expected])
+def test_captions_flag_what_the_engine_refuses_and_keep_rows_flagged_before(tiny_model, tmp_path):
+    write_rows(tmp_path / "in.parquet", good_rows(5))
     job = CaptionJob(input=str(tmp_path / "in.parquet"), output=str(tmp_path / "out"), model=tiny_model,
-                     max_tokens=4, max_pixels=MAX_PIXELS, batch_size=4)
-    table, numbers = Captions(job)(prepared(job))
+                     max_tokens=4, batch_size=4)
+    processed = process(prepared(job), job=job).to_pylist()
+    # a row the CPU stage let through that the engine refuses: a prompt over its limit
+    long = {"image": Image.new("RGB", (32, 32)), "prompt": LONG_INSTRUCTION}
+    over = prepare_request(processor_and_limit(tiny_model, 4)[0], long)
+    processed[2].update(inputs=pack(over), prompt_tokens=over.prompt_tokens)
+    processed[3].update(inputs=None, prompt_tokens=None, error="flagged before")
+    captions = Captions(job)
+    try:
+        table, numbers = captions(pa.Table.from_pylist(processed, schema=PROCESSED_SCHEMA))
+    finally:
+        captions.close()
     assert table.schema.names == ["id", "caption", "error", "model", "method", "budget", "prompt_tokens",
                                   "output_tokens", "kv_bytes", "latency_ms"]
-    check_errors(table, expected)
-    assert numbers["rows"] == len(expected) and numbers["errors"] == len(expected) - 2
-    assert numbers["output_tokens"] == sum(table.column("output_tokens").to_pylist()[:2])
+    check_errors(table, [(r, None) for r in good_rows(5)[:2] + good_rows(5)[4:]]
+                 + [(good_rows(5)[2], "refused by the engine: .*over the engine's limit"),
+                    (good_rows(5)[3], "flagged before")])
+    assert numbers["rows"] == 5 and numbers["errors"] == 2
+    assert numbers["output_tokens"] == sum(v for v in table.column("output_tokens").to_pylist() if v)
+    assert numbers["fed_at"] <= numbers["done_at"]
+
+
+def test_batches_in_flight_share_one_engine_and_each_returns_with_its_own_rows(tiny_model, tmp_path):
+    write_rows(tmp_path / "in.parquet", good_rows(12))
+    job = CaptionJob(input=str(tmp_path / "in.parquet"), output=str(tmp_path / "out"), model=tiny_model,
+                     max_tokens=24, max_num_seqs=4)
+    processed = process(prepared(job), job=job)
+    captions = Captions(job)
+    try:
+        alone = captions(processed)[0].sort_by("id")
+        before = captions.loop.stats()
+        steps = before.decode_steps
+        with ThreadPoolExecutor(4) as pool:  # four batches of three rows at once, as Ray Data calls an actor
+            tables = list(pool.map(lambda start: captions(processed.slice(start, 3))[0], (0, 3, 6, 9)))
+        shared = captions.loop.stats()
+    finally:
+        captions.close()
+    assert [t.column("id").to_pylist() for t in tables] == [[f"row-{i:03d}" for i in range(s, s + 3)]
+                                                            for s in (0, 3, 6, 9)]
+    together = pa.concat_tables(tables).sort_by("id")
+    assert together.column("caption").to_pylist() == alone.column("caption").to_pylist()
+    # the batches filled each other's free slots: about the decode steps of one batch of twelve rows
+    # on four slots, where one batch of three after another would leave a slot idle throughout
+    assert shared.decode_steps - steps <= steps + 3
+    assert (shared.busy_slots - before.busy_slots) / (shared.slots - before.slots) > 0.95
+
+
+def test_a_row_that_fails_to_start_is_its_own_error_and_its_batch_goes_on(tiny_model, tmp_path, monkeypatch):
+    write_rows(tmp_path / "in.parquet", good_rows(3))
+    job = CaptionJob(input=str(tmp_path / "in.parquet"), output=str(tmp_path / "out"), model=tiny_model, max_tokens=4)
+    processed = process(prepared(job), job=job)
+    captions = Captions(job)
+    add_request, calls = captions.engine.add_request, []
+
+    def second_fails(request, sampling):  # a fault the engine did not foresee, on the batch's second row
+        calls.append(request)
+        if len(calls) == 2:
+            raise OSError("device lost")
+        return add_request(request, sampling)
+
+    monkeypatch.setattr(captions.engine, "add_request", second_fails)
+    try:
+        table, numbers = captions(processed)
+    finally:
+        captions.close()
+    errors = dict(zip(table.column("id").to_pylist(), table.column("error").to_pylist()))
+    assert errors == {"row-000": None, "row-001": "the request could not start: OSError: device lost", "row-002": None}
+    assert numbers["errors"] == 1 and all(table.column("caption").to_pylist()[i] for i in (0, 2))
 
 
 # --- Whole runs on a two-node Ray cluster ----------------------------------------------------
+
+
+@contextlib.contextmanager
+def one_torch_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 # Credentials for the moto server; the cluster's workers inherit them.
 S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
@@ -265,8 +378,10 @@ def cluster(cluster_service):
 
 
 def caption_command(cluster, *args) -> list[str]:
+    """jobs/caption.py on the cluster; without a quality sample unless `args` ask for one."""
+    sample = [] if "--quality-sample" in args else ["--quality-sample", "0"]
     return [sys.executable, "jobs/caption.py", "--address", cluster["address"], "--no-progress", "--no-report",
-            *map(str, args)]
+            *sample, *map(str, args)]
 
 
 def caption(cluster, *args) -> subprocess.CompletedProcess:
@@ -284,7 +399,8 @@ def test_run_on_two_nodes_flags_bad_rows_and_writes_each_id_once(cluster, tiny_m
     write_rows(tmp_path / "in" / "good.parquet", good_rows(13))
     out = tmp_path / "out"
     result = caption(cluster, "--input", tmp_path / "in", "--output", out, "--model", tiny_model, "--max-tokens", 4,
-                     "--num-actors", 2, "--batch-size", 3, "--max-pixels", MAX_PIXELS, "--rows-per-file", 5)
+                     "--num-actors", 2, "--batch-size", 3, "--max-pixels", MAX_PIXELS, "--rows-per-file", 5,
+                     "--quality-sample", 3, "--min-rouge", 1.0)
     assert "captioned 25 rows (9 errors)" in result.stdout
     table = read_output(str(out))
     assert table.num_rows == 25
@@ -296,52 +412,112 @@ def test_run_on_two_nodes_flags_bad_rows_and_writes_each_id_once(cluster, tiny_m
     assert (metrics["rows"], metrics["errors"], metrics["rows_in"], metrics["rows_out"]) == (25, 9, 25, 25)
     assert metrics["output_tokens"] == sum(v for v in table.column("output_tokens").to_pylist() if v)
     assert metrics["rows_per_s"] > 0 and 0 < metrics["kv_bytes_per_seq"] < metrics["kv_bytes_full_per_seq"]
-    assert metrics["num_actors"] == 2 and metrics["nodes"] == 2
-    assert all(a["rows"] > 0 and a["starts"] == 1 for a in metrics["actors"])
+    assert metrics["num_actors"] == 2 and metrics["nodes"] == 2  # an actor on each node
+    assert all(a["starts"] == 1 for a in metrics["actors"])
     assert sum(a["rows"] for a in metrics["actors"]) == 25
+    # occupancy and waiting per actor, the fixed cost apart from the steady rate
+    assert all(a["occupancy"] is None or 0 < a["occupancy"] <= 1 for a in metrics["actors"])
+    assert all(a["wait_s"] >= 0 for a in metrics["actors"])
+    busy, slot_steps = (sum(a[k] for a in metrics["actors"]) for k in ("busy_slots", "slot_steps"))
+    assert metrics["occupancy"] == round(busy / slot_steps, 4)
+    t = metrics["timings"]
+    assert 0 < t["actor_start_s"] <= t["first_row_s"] < metrics["wall_s"] and t["ray_start_s"] > 0
+    assert t["steady_s"] > 0 and t["steady_rows_per_s"] == pytest.approx(16 / t["steady_s"], rel=0.01)
+    assert t["finish_s"] >= 0
+    # the run's own fidelity on its first 3 good rows, and a loud warning when under --min-rouge
+    quality = metrics["quality_sample"]
+    assert (quality["rows"], quality["min_rouge"]) == (3, 1.0) and 0 <= quality["degenerate"] <= 3
+    assert quality["passed"] == (quality["rouge_l"] >= 1.0) and quality["wall_s"] > 0
+    assert ("WARNING: on 3 sample rows" in result.stderr) == (not quality["passed"])
+    assert f"fidelity ROUGE-L {quality['rouge_l']:.3f} vs full cache on 3 rows" in result.stdout
+    job = CaptionJob(input=str(tmp_path / "in"), output=str(out), model=tiny_model, max_tokens=4,
+                     max_pixels=MAX_PIXELS)
+    requests = input_sample(job, check(replace(job, output=str(tmp_path / "elsewhere"))), 3)
+    model = load(tiny_model)
+    with one_torch_thread():  # as in the actor, which has one CPU
+        texts, full = ([o.text for o in Engine(*model, cache.policy, engine_config(job)).generate(
+            requests, sampling(job)) if o.error is None]
+            for cache in (CacheConfig(job.method, job.budget, **dict(job.cache_options)), CacheConfig("full", 1.0)))
+    assert fidelity(texts, full) == {k: quality[k] for k in ("rouge_l", "degenerate", "degenerate_full")}
+    assert quality["captioned"] == len(texts) == 2  # the long instruction is refused by both
+    # quiet: the summary, and no lines of Ray's own that do not concern the user
+    lines = (result.stdout + result.stderr).splitlines()
+    assert len(lines) <= 4, lines
+    assert not any("core_worker.cc" in line or "Progress bars" in line for line in lines), lines
 
 
-def _captioner_pids(raylets: list[int]) -> list[int]:
-    """Caption actor processes under these raylets (Ray titles them after the UDF)."""
-    pids = []
+def _captioners(raylets: list[int]) -> dict[int, bool]:
+    """Caption actor processes under these raylets (Ray titles them after the UDF), and whether each
+    has been constructed (while its constructor runs, Ray titles it `...Captioner)).__init__`)."""
+    found = {}
     for entry in filter(str.isdigit, os.listdir("/proc")):
         try:
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+            title = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")[0]
             parent = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
         except (FileNotFoundError, ProcessLookupError):  # the process has just exited
             continue
-        if b"Captioner" in cmdline and parent in raylets:
-            pids.append(int(entry))
-    return pids
+        if b"Captioner" in title and parent in raylets:
+            found[int(entry)] = not title.endswith(b".__init__")
+    return found
+
+
+ROWS_OUTLASTING_A_RESTART = 160
 
 
 @pytest.mark.slow
 def test_a_killed_actor_is_replaced_and_every_row_still_arrives(cluster, tiny_model, tmp_path):
     (tmp_path / "in").mkdir()
-    for i in range(60):
-        (tmp_path / "in" / f"{i:02d}.png").write_bytes(png(i))
+    for i in range(ROWS_OUTLASTING_A_RESTART):
+        (tmp_path / "in" / f"{i:03d}.png").write_bytes(png(i))
     (tmp_path / "in" / "broken.png").write_bytes(b"\x89PNG broken")
     out = tmp_path / "out"
+    # two slots an actor: the rows left after the kill outlast the replacement's start (a loaded
+    # machine takes tens of seconds), so the replacement is seen to take work
     job = subprocess.Popen(
         caption_command(cluster, "--input", tmp_path / "in", "--output", out, "--model", tiny_model,
-                        "--max-tokens", 64, "--num-actors", 2, "--batch-size", 2, "--rows-per-file", 2),
+                        "--max-tokens", 64, "--num-actors", 2, "--batch-size", 2, "--max-num-seqs", 2,
+                        "--batches-in-flight", 1, "--rows-per-file", 2),
         cwd=REPO, env=cluster["env"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 180
-    while not list(out.glob("*.parquet")) and job.poll() is None and time.time() < deadline:
+    # rows are written and both actors are constructed (the first rows go to the first actor up)
+    while (not list(out.glob("*.parquet")) or sorted(_captioners(cluster["raylets"]).values()) != [True, True]) \
+            and job.poll() is None and time.time() < deadline:
         cluster["service"].check()
         time.sleep(0.05)
-    victims = _captioner_pids(cluster["raylets"])
+    victims = list(_captioners(cluster["raylets"]))
     assert len(victims) == 2 and job.poll() is None, "the run ended before an actor could be killed"
-    os.kill(victims[0], signal.SIGKILL)  # both actors are working: the pool starts once all are up
+    os.kill(victims[0], signal.SIGKILL)
     finished = cluster["service"].communicate(job, timeout=300)
     assert finished.returncode == 0, finished.stderr[-4000:]
     table = read_output(str(out))
-    assert sorted(table.column("id").to_pylist()) == sorted([f"{i:02d}.png" for i in range(60)] + ["broken.png"])
+    assert sorted(table.column("id").to_pylist()) == sorted(
+        [f"{i:03d}.png" for i in range(ROWS_OUTLASTING_A_RESTART)] + ["broken.png"])
     assert errors_by_id(table)["broken.png"].startswith("undecodable")
     metrics = json.loads((tmp_path / "out.metrics.json").read_text())
-    assert metrics["rows_out"] == 61 and metrics["unique_ids"] == 61
+    assert metrics["rows_out"] == metrics["unique_ids"] == ROWS_OUTLASTING_A_RESTART + 1
     assert victims[0] not in [a["pid"] for a in metrics["actors"]]
     assert sorted(a["starts"] for a in metrics["actors"]) == [1, 2]
+
+
+@pytest.mark.slow
+def test_a_resume_after_the_input_grew_records_the_whole_output_and_every_run(cluster, tiny_model, tmp_path):
+    write_rows(tmp_path / "in" / "a.parquet", good_rows(6, "a"))
+    out, metrics_file = tmp_path / "out", tmp_path / "out.metrics.json"
+    args = ["--input", tmp_path / "in", "--output", out, "--model", tiny_model, "--max-tokens", 4, "--batch-size", 2]
+    caption(cluster, *args)
+    first = json.loads(metrics_file.read_text())
+    write_rows(tmp_path / "in" / "b.parquet", good_rows(3, "b"))
+    result = caption(cluster, *args, "--resume")
+    assert "captioned 3 rows (0 errors, 6 earlier)" in result.stdout
+    metrics = json.loads(metrics_file.read_text())
+    table = read_output(str(out))
+    assert (metrics["rows"], metrics["resumed_rows"], metrics["this_run"]["rows"]) == (9, 6, 3)
+    assert metrics["this_run"]["output_tokens"] == sum(
+        t for i, t in zip(table.column("id").to_pylist(), table.column("output_tokens").to_pylist()) if i[0] == "b")
+    assert metrics["output_tokens"] == sum(table.column("output_tokens").to_pylist())
+    assert metrics["rows_per_s"] == round(3 / metrics["wall_s"], 3)
+    assert [r["rows"] for r in metrics["runs"]] == [6, 3]
+    assert metrics["runs"][0] == first["runs"][0] and metrics["runs"][1]["wall_s"] == metrics["wall_s"]
 
 
 @pytest.fixture(scope="module")
@@ -448,12 +624,8 @@ def test_budget_auto_calibrates_on_the_input_and_captions_at_its_choice(cluster,
     table = pq.read_table(tmp_path / "in").slice(0, rows).to_pylist()
     samples = [Sample(r["id"], decode_image(r["image"]), r["instruction"], "", "reference") for r in table]
     model, processor = load("demo")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_torch_thread():
         _, full = run_cell(model, processor, Cell("full", 1.0), samples, max_tokens, score_ppl=False)
         first, _ = run_cell(model, processor, Cell("h2o", tried[0]["budget"]), samples, max_tokens, full,
                             score_ppl=False)
-    finally:
-        torch.set_num_threads(threads)
     assert first["rouge_l"] == pytest.approx(tried[0]["rouge_l"])

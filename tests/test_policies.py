@@ -7,7 +7,7 @@ import torch
 
 from conftest import encode
 from elastic_ray import CacheConfig
-from elastic_ray.config import parse_cache_option
+from elastic_ray.flags import parse_cache_option
 from elastic_ray.hf.generate import generate_compressed
 from elastic_ray.kv import METHODS, ElasticCache, ElasticVLCache, H2OCache, StreamingCache
 from elastic_ray.kv.policy import MAX_INT_OPTION

@@ -114,8 +114,9 @@ def test_caption_job_writes_its_report_with_figures_from_its_metrics(caption, ev
     (row,) = report["rows"]
     src = caption["metrics_path"]
     assert row["source"] == str(src) and (row["method"], row["budget"]) == (metrics["method"], metrics["budget"])
-    for name, field in [("rows", "rows"), ("errors", "errors"), ("input_tokens", "prompt_tokens"),
-                        ("generated_tokens", "output_tokens"), ("wall_s", "wall_s"), ("rows_per_s", "rows_per_s"),
+    for name, field in [("rows", "this_run.rows"), ("errors", "this_run.errors"),
+                        ("input_tokens", "this_run.prompt_tokens"), ("generated_tokens", "this_run.output_tokens"),
+                        ("wall_s", "wall_s"), ("rows_per_s", "rows_per_s"),
                         ("tokens_per_s", "output_tokens_per_s"), ("actors", "num_actors"),
                         ("kv_bytes_per_seq", "kv_bytes_per_seq"), ("kv_bytes_full_per_seq", "kv_bytes_full_per_seq")]:
         assert_measured(row, name, metrics, src, field)
@@ -191,7 +192,9 @@ def report_of(tmp_path: Path, *metrics: dict, **prices) -> dict:
 
 
 def quality_sample_s(metrics: dict) -> float:
-    return (metrics.get("quality_sample") or {}).get("wall_s", 0.0)
+    """The quality sample's seconds billed beside the run's: none when it ran inside the run."""
+    sample = metrics.get("quality_sample") or {}
+    return 0.0 if sample.get("in_run") else sample.get("wall_s", 0.0)
 
 
 def test_cpu_and_gpu_actors_are_priced_per_their_own_device_hour(tmp_path):
@@ -237,6 +240,27 @@ def test_quality_sample_and_calibration_are_each_billed_as_one_actor(tmp_path):
     assert figure(row, "actor_hours")["formula"] == "(actors x wall_s + calibration_s + quality_sample_s) / 3600"
     assert figure(row, "cost_per_million_captions")["value"] == pytest.approx(
         DEFAULT_PRICES["CPU"] * actor_hours / 256 * 1e6)
+
+
+def test_a_resumed_run_is_reported_and_billed_for_its_own_rows(tmp_path):
+    resumed = made_metrics(resumed_rows=200, this_run={"rows": 56, "errors": 1, "prompt_tokens": 55 * 210,
+                                                       "output_tokens": 880})
+    (row,) = report_of(tmp_path, resumed)["rows"]
+    src = str(tmp_path / "captions.metrics.json")
+    for name, field in [("rows", "this_run.rows"), ("errors", "this_run.errors"),
+                        ("input_tokens", "this_run.prompt_tokens"), ("generated_tokens", "this_run.output_tokens")]:
+        assert_measured(row, name, resumed, src, field)
+    hours = (40.0 + 12.0) / 3600  # the run's wall time and its quality sample, for its 56 captions
+    assert figure(row, "cost_per_million_captions")["value"] == pytest.approx(DEFAULT_PRICES["CPU"] * hours / 56 * 1e6)
+
+
+def test_a_quality_sample_measured_inside_the_run_is_not_billed_twice(tmp_path):
+    inside = made_metrics()
+    inside["quality_sample"]["in_run"] = True
+    (row,) = report_of(tmp_path, inside)["rows"]
+    assert figure(row, "quality_sample_s")["value"] == inside["quality_sample"]["wall_s"]
+    assert figure(row, "actor_hours")["value"] == pytest.approx(40.0 / 3600)
+    assert figure(row, "actor_hours")["formula"] == "(actors x wall_s) / 3600"
 
 
 def test_the_headline_shows_rate_cost_and_the_runs_own_fidelity(tmp_path):

@@ -293,7 +293,9 @@ BAD = {
                                        "cache_options: elastic-vl option protect must be int"),
     "cache options not an object": (chat(data_url(png()), cache_options=[16]), 400, "cache_options"),
     "cache option too large": (chat(data_url(png()), cache_options={"offset": 10**30}), 400,
-                               "cache_options: elastic-vl option offset must be in [1, 1048576]"),
+                               "cache_options: Value error, offset = 1000000000000000000000000000000 is outside"),
+    "cache option beyond its method": (chat(data_url(png()), cache_options={"offset": 2**25}), 400,
+                                       "cache_options: elastic-vl option offset must be in [1, 1048576]"),
     "unknown model": (chat(data_url(png()), model="gpt-4o"), 404, "does not exist"),
     "assistant turn": (chat(data_url(png()), messages=[{"role": "assistant", "content": "hi"}]), 400, "role"),
     "n above 1": (chat(data_url(png()), n=2), 400, "n: Input should be 1"),
@@ -424,7 +426,7 @@ def test_cache_options_come_from_the_request_or_for_the_default_method_from_the_
     assert check(parse_request(json.dumps(own).encode()), config).cache == \
         CacheConfig("elastic", 0.5, protect=4, merge=False)
     vl_options = chat(image, cache_options={"importance": "instruction", "protect_text": True, "assign": "key"})
-    assert prepare(parse_request(json.dumps(vl_options).encode()), config).cache == \
+    assert check(parse_request(json.dumps(vl_options).encode()), config).cache == \
         CacheConfig("elastic", 0.5, importance="instruction", protect_text=True, assign="key")
     other_method = chat(image, method="h2o", budget=0.3)
     assert check(parse_request(json.dumps(other_method).encode()), config).cache == CacheConfig("h2o", 0.3)

@@ -81,6 +81,11 @@ class Scene:
     def key(self) -> str:
         return scene_key(self.objects)
 
+    @property
+    def long_targets(self) -> list[tuple[str, str]]:
+        """(instruction, reference) of the scene's answers longer than a question's: its caption."""
+        return [(CAPTION_INSTRUCTION, self.caption)]
+
 
 def scene_key(objects: Iterable[ShapeObject]) -> str:
     """Canonical key of an object set, independent of order and of rendering noise."""
@@ -126,11 +131,22 @@ def question_kind(question: str) -> str:
     raise ValueError(f"not a shapes question: {question!r}")
 
 
-def iter_scenes(seed: int = 0, split: str = "train", image_size: int = IMAGE_SIZE) -> Iterator[Scene]:
-    """An endless, deterministic stream of scenes of one split."""
+def scene_rng(seed: int, split: str) -> np.random.Generator:
+    """The random generator behind the (seed, split) stream of scenes."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    rng = np.random.default_rng([seed, SPLITS.index(split)])
+    return np.random.default_rng([seed, SPLITS.index(split)])
+
+
+def iter_scenes(seed: int = 0, split: str = "train", image_size: int = IMAGE_SIZE) -> Iterator[Scene]:
+    """An endless, deterministic stream of scenes of one split."""
+    return scenes_from(scene_rng(seed, split), split, image_size)
+
+
+def scenes_from(rng: np.random.Generator, split: str, image_size: int = IMAGE_SIZE) -> Iterator[Scene]:
+    """Scenes of one split drawn from `rng`. Between two scenes the stream's whole state is
+    `rng`'s, so saving `rng.bit_generator.state` and building a new stream on a generator set to
+    it continues the stream exactly (resumable training)."""
     colors = list(COLORS)
     while True:
         count = int(rng.integers(1, 5))
@@ -166,11 +182,11 @@ def _render(objects: tuple[ShapeObject, ...], size: int, rng: np.random.Generato
         row, col = divmod(o.cell, 3)
         cx = (col + 0.5) * cell + rng.uniform(-slack, slack)
         cy = (row + 0.5) * cell + rng.uniform(-slack, slack)
-        _draw_shape(draw, o.shape, cx, cy, r, COLORS[o.color])
+        draw_shape(draw, o.shape, cx, cy, r, COLORS[o.color])
     return image
 
 
-def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, fill) -> None:
+def draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, fill) -> None:
     if shape == "circle":
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
     elif shape == "square":

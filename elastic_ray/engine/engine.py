@@ -16,7 +16,7 @@ from elastic_ray.engine.slots import KVSlots
 from elastic_ray.hf.generate import check_positions
 from elastic_ray.kv.policy import CachePolicy
 from elastic_ray.models.family import family_of
-from elastic_ray.models.prompts import PreparedRequest, default_prompt_tokens, prepare_request
+from elastic_ray.models.prompts import PreparedRequest, prepare_request, prompt_limit
 from elastic_ray.outputs import RequestOutput, eos_token_ids, finish
 
 
@@ -48,8 +48,7 @@ class Engine:
         self.family = family_of(model)
         check_positions(policy, self.family)
         context = model.config.get_text_config().max_position_embeddings
-        # unset, the prompt limit is the model's image tokens plus some text, within the context
-        self.max_prompt_tokens = config.max_prompt_tokens or min(default_prompt_tokens(model), context - config.max_tokens)
+        self.max_prompt_tokens = prompt_limit(model.config, config.max_tokens, config.max_prompt_tokens)
         if self.max_prompt_tokens < 1 or self.max_prompt_tokens + config.max_tokens > context:
             raise ValueError(
                 f"max_prompt_tokens + max_tokens = {self.max_prompt_tokens + config.max_tokens} exceeds the "

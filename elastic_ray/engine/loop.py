@@ -4,8 +4,9 @@ Free of Ray: the Serve replica and the caption actor both run one."""
 
 import logging
 import threading
-from collections import OrderedDict
-from dataclasses import dataclass
+import time
+from collections import Counter, OrderedDict
+from dataclasses import dataclass, replace
 from typing import Callable
 
 from elastic_ray.config import CacheConfig, SamplingParams
@@ -71,15 +72,36 @@ class Submission:
     stream: bool = True
 
 
+@dataclass
+class LoopStats:
+    """What the loop measured. Occupancy is `busy_slots / slots`: the running sequences of every
+    decode step over the slots of the engine it stepped, both summed over decode steps.
+    `wait_s` is the time the loop sat with nothing to run, from its first submission on, counting
+    only waits that new work ended (not the idle time after the last work, nor a wait ended by close).
+    `step_s` is the time spent in the engines' steps."""
+
+    decode_steps: int = 0
+    busy_slots: int = 0
+    slots: int = 0
+    wait_s: float = 0.0
+    step_s: float = 0.0
+
+    @property
+    def occupancy(self) -> float | None:
+        return self.busy_slots / self.slots if self.slots else None
+
+
 class EngineLoop:
     """The one thread that calls the pool's engines (an engine is not thread-safe).
 
     `submit` queues work from any thread and `cancel` withdraws it (a client gone). Each round
     the loop first aborts cancelled work, then adds new work to the engine for its cache
     policy, made on first use; with `max_engines` engines already, the least recently used idle
-    one is dropped first, and work waits while every engine is busy. Then it steps each engine
-    with unfinished requests once and delivers the outputs; a request the engine failed alone
-    (finish_reason "error") gets `RequestFailed`.
+    one is dropped first, and work waits while every engine is busy. An engine holds at most
+    `max_pending` requests (running and queued in it; None: no limit), so the rest wait in the
+    loop, where cancelling them costs nothing. Then it steps each engine with unfinished
+    requests once and delivers the outputs; a request the engine failed alone (finish_reason
+    "error") gets `RequestFailed`.
 
     A failure to make an engine or to add a request reaches that submission alone (`Refused`
     or `RequestFailed`): `Engine.add_request` queues the request as its last act, so a request
@@ -88,25 +110,35 @@ class EngineLoop:
     `error` stays set.
     """
 
-    def __init__(self, make_engine: Callable[[CacheConfig], Engine], max_engines: int, first: CacheConfig):
-        self.make_engine, self.max_engines = make_engine, max_engines
+    def __init__(self, make_engine: Callable[[CacheConfig], Engine], max_engines: int, first: CacheConfig,
+                 max_pending: int | None = None):
+        self.make_engine, self.max_engines, self.max_pending = make_engine, max_engines, max_pending
         self.engines: OrderedDict[CacheConfig, Engine] = OrderedDict({first: make_engine(first)})
         self.error: BaseException | None = None
         self._inbox: list[Submission] = []
         self._cancelled: list[Submission] = []
         self._waiting: list[Submission] = []
         self._running: dict[tuple[CacheConfig, int], Submission] = {}
+        self._pending: Counter[CacheConfig] = Counter()  # requests each engine holds
+        self._stats = LoopStats()
+        self._started = False  # a first submission has arrived: waiting from now on counts
         self._lock = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self._thread.start()
 
     def submit(self, submission: Submission) -> None:
+        self.submit_all([submission])
+
+    def submit_all(self, submissions: list[Submission]) -> None:
+        """Submit several at once: the loop's next round sees them all."""
         with self._lock:
             if self.error is not None or self._closed:
-                submission.deliver(LoopStopped("the engine loop has stopped"))
+                for submission in submissions:
+                    submission.deliver(LoopStopped("the engine loop has stopped"))
                 return
-            self._inbox.append(submission)
+            self._inbox += submissions
+            self._started = True
             self._lock.notify()
 
     def cancel(self, submission: Submission) -> None:
@@ -119,6 +151,21 @@ class EngineLoop:
             self._closed = True
             self._lock.notify()
         self._thread.join()
+
+    def release(self, cache: CacheConfig) -> bool:
+        """Drop the idle engine for `cache`, freeing its KV memory, unless it is the pool's last;
+        returns whether it was dropped."""
+        with self._lock:
+            engine = self.engines.get(cache)
+            if engine is None or engine.has_unfinished() or len(self.engines) == 1:
+                return False
+            del self.engines[cache]
+            return True
+
+    def stats(self) -> LoopStats:
+        """A copy of what the loop has measured so far."""
+        with self._lock:
+            return replace(self._stats)
 
     def describe(self) -> list[dict]:
         with self._lock:
@@ -142,8 +189,12 @@ class EngineLoop:
 
     def _round(self) -> bool:
         with self._lock:
-            while not (self._inbox or self._waiting or self._running or self._cancelled or self._closed):
-                self._lock.wait()
+            if not self._has_work():
+                idle_since, counted = time.perf_counter(), self._started
+                while not self._has_work():
+                    self._lock.wait()
+                if counted and not self._closed:
+                    self._stats.wait_s += time.perf_counter() - idle_since
             if self._closed:
                 return False
             self._waiting += self._inbox
@@ -153,14 +204,30 @@ class EngineLoop:
         self._admit()
         for cache, engine in list(self.engines.items()):
             if engine.has_unfinished():
-                for output in engine.step():
-                    key = (cache, output.request_id)
-                    submission = self._running.pop(key) if output.finished else self._running[key]
-                    if output.finish_reason == "error":
-                        submission.deliver(RequestFailed(f"the request failed: {output.error}", output))
-                    elif output.finished or submission.stream:
-                        submission.deliver(output)
+                self._step(cache, engine)
         return True
+
+    def _step(self, cache: CacheConfig, engine: Engine) -> None:
+        decodes, start = engine.steps["decode"], time.perf_counter()
+        outputs = engine.step()
+        with self._lock:
+            self._stats.step_s += time.perf_counter() - start
+            if engine.steps["decode"] > decodes:  # a decode step returns one output per running sequence
+                self._stats.decode_steps += 1
+                self._stats.busy_slots += len(outputs)
+                self._stats.slots += engine.num_slots
+        for output in outputs:
+            key = (cache, output.request_id)
+            submission = self._running.pop(key) if output.finished else self._running[key]
+            if output.finished:
+                self._pending[cache] -= 1
+            if output.finish_reason == "error":
+                submission.deliver(RequestFailed(f"the request failed: {output.error}", output))
+            elif output.finished or submission.stream:
+                submission.deliver(output)
+
+    def _has_work(self) -> bool:
+        return bool(self._inbox or self._waiting or self._running or self._cancelled or self._closed)
 
     def _abort(self, cancelled: list[Submission]) -> None:
         """Withdraw cancelled work: a waiting submission is dropped, a running one aborted in its engine."""
@@ -169,19 +236,21 @@ class EngineLoop:
         for (cache, request_id), submission in list(self._running.items()):
             if id(submission) in gone:
                 del self._running[cache, request_id]
+                self._pending[cache] -= 1
                 self.engines[cache].abort(request_id)
 
     def _admit(self) -> None:
         """Add waiting work to engines in arrival order. Work whose policy has no engine while the
         pool is full and busy waits, and so does later work for the least recently used engine,
-        which thus drains and makes room."""
+        which thus drains and makes room; so does work for an engine holding `max_pending`."""
         waiting, self._waiting = self._waiting, []
         draining = None
         for submission in waiting:
             work = submission.work
             if work.cache not in self.engines and not self._room():
                 draining = draining or next(iter(self.engines))
-            if work.cache == draining or (work.cache not in self.engines and draining is not None):
+            full = self.max_pending is not None and self._pending[work.cache] >= self.max_pending
+            if full or work.cache == draining or (work.cache not in self.engines and draining is not None):
                 self._waiting.append(submission)
                 continue
             try:
@@ -195,6 +264,7 @@ class EngineLoop:
                 submission.deliver(start_failure(e, "request"))
                 continue
             self._running[work.cache, request_id] = submission
+            self._pending[work.cache] += 1
 
     def _room(self) -> bool:
         """Whether the pool can take another engine, after dropping its least recently used idle one."""

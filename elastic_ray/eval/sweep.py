@@ -3,10 +3,11 @@
 import json
 from dataclasses import dataclass
 
-from elastic_ray.config import CacheConfig, EngineConfig, SamplingParams, parse_cache_option
+from elastic_ray.config import CacheConfig, EngineConfig, SamplingParams
 from elastic_ray.engine.engine import Engine
 from elastic_ray.eval.metrics import perplexity, rouge_l, shapes_accuracy
 from elastic_ray.eval.samples import Sample
+from elastic_ray.flags import parse_cache_option
 from elastic_ray.models.prompts import build_prompt
 
 FULL = ("full", 1.0)

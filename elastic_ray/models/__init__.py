@@ -1,1 +1,1 @@
-"""Model loading and the bundled demo VLM."""
+"""Model loading: supported families, prompts, random test models and the demo models by name."""

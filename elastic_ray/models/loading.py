@@ -1,28 +1,29 @@
 """Load a supported VLM and its processor by name, local path or hub id."""
 
+import functools
 from pathlib import Path
 
 import torch
-from transformers import (
-    AutoConfig,
-    AutoProcessor,
-    LlavaForConditionalGeneration,
-    Qwen2_5_VLForConditionalGeneration,
-    Qwen2_5_VLProcessor,
-    Qwen2VLForConditionalGeneration,
-    Qwen2VLProcessor,
-)
+import transformers
+from transformers import AutoConfig
 
-DEMO_DIR = Path(__file__).parent / "demo"
+# The shipped demo models' weights; their build and training code (elastic_ray.demo) is never imported here.
+DEMO_ROOT = Path(__file__).parents[1] / "demo"
+DEMO_MODELS = {"demo": "v1", "demo-v2": "v2"}
+# transformers' names for each model type: imported on first use (its processing and modeling code
+# costs seconds to import, which a job's driver, needing only configs, never pays)
 MODEL_CLASSES = {
-    "llava": LlavaForConditionalGeneration,
-    "qwen2_vl": Qwen2VLForConditionalGeneration,
-    "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration,
+    "llava": "LlavaForConditionalGeneration",
+    "qwen2_vl": "Qwen2VLForConditionalGeneration",
+    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
 }
+QWEN_PROCESSORS = {"qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor"}
 
 
-def _image_only(processor_cls):
+@functools.cache
+def image_only_processor(model_type: str):
     """A Qwen-VL processor class without its video half, which needs torchvision."""
+    processor_cls = getattr(transformers, QWEN_PROCESSORS[model_type])
 
     class ImageOnly(processor_cls):
         def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
@@ -32,15 +33,20 @@ def _image_only(processor_cls):
     return ImageOnly
 
 
-IMAGE_ONLY_PROCESSORS = {"qwen2_vl": _image_only(Qwen2VLProcessor), "qwen2_5_vl": _image_only(Qwen2_5_VLProcessor)}
+def demo_dir(name: str) -> Path:
+    """The weight folder of a demo model by name ('demo', 'demo-v2'), whether or not it is trained yet."""
+    return DEMO_ROOT / DEMO_MODELS[name]
 
 
 def resolve(name_or_path: str) -> str:
-    """'demo' is the model shipped in the package; anything else is a local path or a hub id."""
-    if name_or_path == "demo":
-        if not (DEMO_DIR / "config.json").exists():
-            raise FileNotFoundError(f"the demo model is missing from {DEMO_DIR}; train it with jobs/train_demo.py")
-        return str(DEMO_DIR)
+    """A demo model's name ('demo', 'demo-v2') gives its folder in the package; anything else is a
+    local path or a hub id."""
+    if name_or_path in DEMO_MODELS:
+        path = demo_dir(name_or_path)
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"the {name_or_path} model is missing from {path}; "
+                                    f"train it with jobs/train_demo.py --config {name_or_path}")
+        return str(path)
     return str(name_or_path)
 
 
@@ -74,13 +80,13 @@ def check_local_model(name_or_path: str, max_tokens: int) -> None:
 def load_processor(path: str, model_type: str):
     """AutoProcessor; for Qwen-VL without torchvision (or a saved image-only one), the image half alone."""
     try:
-        processor = AutoProcessor.from_pretrained(path, trust_remote_code=False)
+        processor = transformers.AutoProcessor.from_pretrained(path, trust_remote_code=False)
     except (ImportError, AttributeError, TypeError, ValueError):
-        if model_type not in IMAGE_ONLY_PROCESSORS:
+        if model_type not in QWEN_PROCESSORS:
             raise
         processor = None
-    if getattr(processor, "image_processor", None) is None and model_type in IMAGE_ONLY_PROCESSORS:
-        processor = IMAGE_ONLY_PROCESSORS[model_type].from_pretrained(path)
+    if getattr(processor, "image_processor", None) is None and model_type in QWEN_PROCESSORS:
+        processor = image_only_processor(model_type).from_pretrained(path)
     if getattr(processor, "image_processor", None) is None:
         raise ValueError(f"{path} has no image processor")
     return processor
@@ -98,7 +104,7 @@ def load(
     config = AutoConfig.from_pretrained(path, trust_remote_code=False)
     if config.model_type not in MODEL_CLASSES:
         raise ValueError(f"unsupported model type {config.model_type!r}; supported: {sorted(MODEL_CLASSES)}")
-    model = MODEL_CLASSES[config.model_type].from_pretrained(
+    model = getattr(transformers, MODEL_CLASSES[config.model_type]).from_pretrained(
         path, dtype=dtype or "auto", attn_implementation=attn_implementation, trust_remote_code=False
     )
     if device is not None:

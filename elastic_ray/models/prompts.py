@@ -112,10 +112,15 @@ def encode_requests(processor, requests: list[dict]) -> dict:
     )
 
 
-def default_prompt_tokens(model) -> int:
-    """Prompt length a slot is sized for when the engine is given none: image tokens + TEXT_TOKENS."""
-    image_tokens = getattr(model.config, "image_seq_length", None)
+def prompt_limit(model_config, max_tokens: int, max_prompt_tokens: int | None = None) -> int:
+    """The longest prompt an engine takes: `max_prompt_tokens` when given, else what a slot is
+    sized for by default (the model's image tokens + TEXT_TOKENS) within what the context leaves
+    after `max_tokens`. Needs only the model's config, so CPU workers check prompts without the model."""
+    if max_prompt_tokens is not None:
+        return max_prompt_tokens
+    image_tokens = getattr(model_config, "image_seq_length", None)
     if image_tokens is None:  # Qwen-VL: images vary in size; size for a 448 x 448 image
-        vision = model.config.vision_config
+        vision = model_config.vision_config
         image_tokens = (448 // vision.patch_size // vision.spatial_merge_size) ** 2
-    return image_tokens + TEXT_TOKENS
+    context = model_config.get_text_config().max_position_embeddings
+    return min(image_tokens + TEXT_TOKENS, context - max_tokens)

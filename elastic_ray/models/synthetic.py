@@ -17,7 +17,7 @@ from transformers import (
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from elastic_ray.models.loading import IMAGE_ONLY_PROCESSORS
+from elastic_ray.models.loading import image_only_processor
 
 # The shape of Qwen2-VL's own template, reduced to what a single-image user turn needs.
 QWEN_TEMPLATE = (
@@ -137,7 +137,7 @@ def random_qwen2_vl(*, version: str = "2", attn_implementation: str = "sdpa", se
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     image_processor = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=56 * 56 * 4)
-    processor = IMAGE_ONLY_PROCESSORS[config.model_type](
+    processor = image_only_processor(config.model_type)(
         image_processor=image_processor, tokenizer=tokenizer, chat_template=QWEN_TEMPLATE
     )
     return model, processor

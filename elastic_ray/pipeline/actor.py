@@ -1,16 +1,19 @@
-"""The caption actor: one `LLM` per actor, the caption step for a prepared batch, and the per-actor
-counters the run's metrics report."""
+"""The caption actor as Ray Data runs it, and the per-actor counters the run's metrics report.
+
+Ray Data calls an actor with up to `--batches-in-flight` batches at a time, each on its own
+thread; `captions.Captions` shares one engine loop between them. This module imports no model
+code, so the driver can define the actor pool without loading torch's and transformers' model
+machinery: `Captioner` imports `captions` in the actor.
+"""
 
 import os
+import threading
 import time
 
 import pyarrow as pa
 import ray
 
-from elastic_ray import LLM, CacheConfig, EngineConfig, SamplingParams
-from elastic_ray.models.loading import load
 from elastic_ray.pipeline.job import CaptionJob
-from elastic_ray.pipeline.prepare import to_request
 
 OUTPUT_SCHEMA = pa.schema([
     ("id", pa.string()), ("caption", pa.string()), ("error", pa.string()),
@@ -22,106 +25,87 @@ OUTPUT_SCHEMA = pa.schema([
 
 @ray.remote(num_cpus=0)
 class ActorStats:
-    """Per-actor counters the caption actors report to after each batch."""
+    """Per-actor counters the caption actors report to after each batch: sums, and the wall-clock
+    times (time.time()) the actor was ready, first fed and last done."""
 
     def __init__(self):
         self.actors: dict[str, dict] = {}
+        self.sampler: str | None = None  # the actor measuring the quality sample
+        self.quality: dict | None = None  # what it measured
 
-    def started(self, key: str, node: str, pid: int, load_s: float, engine: dict) -> None:
-        entry = self.actors.setdefault(key, {"node": node, "pid": pid, "starts": 0, "load_s": [], "batches": 0,
-                                             "rows": 0, "errors": 0, "prompt_tokens": 0, "output_tokens": 0,
-                                             "kv_bytes": 0, "kv_bytes_full": 0, "engine_s": 0.0})
+    def claim_sample(self, key: str) -> bool:
+        """Whether actor `key` is to measure the quality sample: the first to ask is, and again after a restart."""
+        if self.quality is None and self.sampler in (None, key):
+            self.sampler = key
+            return True
+        return False
+
+    def sample_measured(self, quality: dict) -> None:
+        self.quality = quality
+
+    def sample(self) -> dict | None:
+        return self.quality
+
+    def started(self, key: str, node: str, pid: int, load_s: float, ready_at: float, engine: dict) -> None:
+        entry = self.actors.setdefault(key, {
+            "node": node, "pid": pid, "starts": 0, "load_s": [], "ready_at": ready_at, "batches": 0, "rows": 0,
+            "errors": 0, "prompt_tokens": 0, "output_tokens": 0, "kv_bytes": 0, "kv_bytes_full": 0,
+            "intake_s": 0.0, "engine_s": 0.0, "wait_s": 0.0, "cpu_s": 0.0, "decode_steps": 0, "busy_slots": 0, "slot_steps": 0,
+            "fed_at": None, "done_at": None})
         entry.update(node=node, pid=pid, **engine)
         entry["starts"] += 1
         entry["load_s"].append(round(load_s, 3))
 
-    def batch(self, key: str, numbers: dict) -> None:
+    def batch(self, key: str, counts: dict, fed_at: float | None, done_at: float | None) -> None:
         entry = self.actors[key]
         entry["batches"] += 1
-        for name, value in numbers.items():
+        for name, value in counts.items():
             entry[name] += value
+        if fed_at is not None:
+            entry["fed_at"] = min(fed_at, entry["fed_at"] or fed_at)
+            entry["done_at"] = max(done_at, entry["done_at"] or done_at)
 
     def snapshot(self) -> dict:
         return self.actors
 
 
-def load_model(job: CaptionJob):
-    """The job's (model, processor), on the GPU when its actors have one."""
-    return load(job.model, device="cuda" if job.gpus_per_actor > 0 else None)
-
-
-def build_llm(job: CaptionJob) -> LLM:
-    """The job's engine: `max_num_seqs` sequences in flight, prompts up to what the context leaves.
-
-    A batch of more rows than slots keeps the slots full (a finished row's slot takes the next
-    row), so only each batch's last rows run with slots idle."""
-    engine = EngineConfig(kv_cache_memory=job.kv_cache_memory, max_num_seqs=job.max_num_seqs, max_tokens=job.max_tokens)
-    return LLM(load_model(job), cache=CacheConfig(job.method, job.budget, **dict(job.cache_options)), engine=engine)
-
-
-def engine_slots(llm: LLM) -> dict:
-    """What an actor's engine packs: its slots, and the slots its KV budget would hold with a full cache."""
-    engine = llm.engine
-    return {"slots": engine.num_slots, "slot_bytes": engine.slot_size * engine.entry_bytes,
-            "full_slots": engine.slots_for(CacheConfig("full", 1.0).policy), "kv_budget_bytes": engine.kv_budget_bytes}
-
-
-def sampling(job: CaptionJob) -> SamplingParams:
-    return SamplingParams(max_tokens=job.max_tokens, temperature=0.0)
-
-
-class Captions:
-    """One `LLM` and the caption step for a prepared batch. Rows `prepare` flagged keep their error;
-    the others go to the engine one by one, so a request it refuses (a prompt over its limit, say)
-    becomes that row's error while the rest run batched."""
-
-    def __init__(self, job: CaptionJob):
-        self.job, self.llm = job, build_llm(job)
-        self.sampling = sampling(job)
-
-    def __call__(self, batch: pa.Table) -> tuple[pa.Table, dict]:
-        """The output rows, and the batch's numbers for the run's per-actor metrics."""
-        rows = batch.to_pylist()
-        out = [{"id": r["id"], "caption": None, "error": r["error"], "model": self.job.model,
-                "method": self.job.method, "budget": float(self.job.budget), "prompt_tokens": None,
-                "output_tokens": None, "kv_bytes": None, "latency_ms": None} for r in rows]
-        engine, start, kv_full = self.llm.engine, time.perf_counter(), 0
-        for i, row in enumerate(rows):
-            if row["error"] is None:
-                try:
-                    engine.add_request(to_request(row), self.sampling, request_id=i)
-                except ValueError as e:
-                    out[i]["error"] = f"refused by the engine: {e}"
-        while engine.has_unfinished():
-            for o in engine.step():
-                if o.finish_reason == "error":
-                    out[o.request_id]["error"] = f"refused by the engine: {o.error}"
-                elif o.finished:
-                    out[o.request_id].update(
-                        caption=o.text, prompt_tokens=o.stats["prompt_tokens"], output_tokens=o.stats["output_tokens"],
-                        kv_bytes=o.stats["kv_bytes"], latency_ms=round(1000 * (time.perf_counter() - start), 3))
-                    kv_full += o.stats["kv_bytes_full"]
-        done = [result for result in out if result["caption"] is not None]
-        numbers = {
-            "rows": len(out), "errors": len(out) - len(done), "engine_s": time.perf_counter() - start,
-            "kv_bytes_full": kv_full, "prompt_tokens": sum(r["prompt_tokens"] for r in done),
-            "output_tokens": sum(r["output_tokens"] for r in done), "kv_bytes": sum(r["kv_bytes"] for r in done),
-        }
-        return pa.Table.from_pylist(out, schema=OUTPUT_SCHEMA), numbers
-
-
 class Captioner:
-    """The actor-pool callable: `Captions` plus reporting to `ActorStats` after every batch."""
+    """The actor-pool callable: `Captions`, reporting to `ActorStats` after every batch its counts and
+    what was measured since the last report: its engine loop's decode steps, busy slots, waiting
+    and stepping, and the process's CPU time (all threads)."""
 
-    def __init__(self, job: CaptionJob, stats):
+    def __init__(self, job: CaptionJob, stats, sample: list | None = None, score=None):
+        """`sample` = [an object ref to the quality sample's requests] (nested, so only the actor
+        that measures it fetches it) and `score(captions, references) -> dict`: the first actor
+        to claim it measures it on a thread of its own (`sample.measure_sample`) and reports it."""
+        from elastic_ray.pipeline.captions import Captions, engine_slots  # model code: in the actor only
+
         start = time.perf_counter()
-        self.captions, self.stats = Captions(job), stats
+        self.captions, self.stats = Captions(job, max_engines=2 if sample else 1), stats
+        self.reported, self.cpu_reported, self.lock = self.captions.loop.stats(), time.process_time(), threading.Lock()
         context = ray.get_runtime_context()
         self.key = context.get_actor_id()
         ray.get(stats.started.remote(self.key, context.get_node_id(), os.getpid(), time.perf_counter() - start,
-                                     engine_slots(self.captions.llm)))
+                                     time.time(), engine_slots(self.captions.engine)))
+        if sample and ray.get(stats.claim_sample.remote(self.key)):
+            threading.Thread(target=self._measure_sample, args=(sample[0], score), name="quality-sample",
+                             daemon=True).start()
+
+    def _measure_sample(self, requests, score) -> None:
+        from elastic_ray.pipeline.sample import measure_sample
+
+        c = self.captions
+        quality = measure_sample(c.loop, c.engine, c.cache, c.sampling, ray.get(requests), score)
+        ray.get(self.stats.sample_measured.remote(quality))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         table, numbers = self.captions(batch)
-        ray.get(self.stats.batch.remote(self.key, numbers))
+        fed_at, done_at = numbers.pop("fed_at"), numbers.pop("done_at")
+        with self.lock:
+            now, before, cpu_before = self.captions.loop.stats(), self.reported, self.cpu_reported
+            self.reported, self.cpu_reported = now, time.process_time()
+        numbers.update(cpu_s=self.cpu_reported - cpu_before, decode_steps=now.decode_steps - before.decode_steps,
+                       busy_slots=now.busy_slots - before.busy_slots, slot_steps=now.slots - before.slots,
+                       wait_s=now.wait_s - before.wait_s, engine_s=now.step_s - before.step_s)
+        ray.get(self.stats.batch.remote(self.key, numbers, fed_at, done_at))
         return table

@@ -4,10 +4,8 @@ from dataclasses import dataclass
 
 import fsspec
 
-from elastic_ray.config import CacheConfig
 from elastic_ray.data.images import MAX_PIXELS
 from elastic_ray.data.shapes import CAPTION_INSTRUCTION
-from elastic_ray.models.loading import check_local_model
 
 
 INPUT_FORMATS = ("parquet", "images", "webdataset")
@@ -29,12 +27,15 @@ class CaptionJob:
     cache_options: tuple[tuple[str, object], ...] = ()  # the method's options, e.g. (("protect", 16),)
     target_rouge: float = 0.9
     calibration_rows: int = 32
+    quality_sample: int = 32  # rows captioned with the full cache too, to score the run's fidelity; 0: off
+    min_rouge: float = 0.5  # under it, the run warns at the start
     max_tokens: int = 64
     instruction: str = CAPTION_INSTRUCTION
     num_actors: int = 1
     gpus_per_actor: float = 0.0
     cpus_per_actor: float = 1.0
     batch_size: int = 64
+    batches_in_flight: int = 4  # batches an actor runs at once, sharing its engine's slots
     max_num_seqs: int = 16
     kv_cache_memory: int | float = 0.25  # per actor: bytes, or a fraction of the device's free memory
     resume: bool = False
@@ -74,14 +75,19 @@ def _positive(flag: str, value, *, integer: bool = True, zero: bool = False) -> 
 
 def check_settings(job: CaptionJob) -> None:
     """Validate every argument; no Ray, no input read."""
-    for name in ("max_tokens", "num_actors", "batch_size", "max_num_seqs", "max_pixels", "rows_per_file",
-                 "calibration_rows"):
+    for name in ("max_tokens", "num_actors", "batch_size", "batches_in_flight", "max_num_seqs", "max_pixels",
+                 "rows_per_file", "calibration_rows"):
         _positive("--" + name.replace("_", "-"), getattr(job, name))
+    _positive("--quality-sample", job.quality_sample, zero=True)
+    if isinstance(job.min_rouge, bool) or not isinstance(job.min_rouge, (int, float)) or not 0 <= job.min_rouge <= 1:
+        raise JobConfigError(f"--min-rouge must be in [0, 1], got {job.min_rouge!r}")
     _positive("--gpus-per-actor", job.gpus_per_actor, integer=False, zero=True)
     _positive("--cpus-per-actor", job.cpus_per_actor, integer=False)
     _positive("--kv-cache-memory", job.kv_cache_memory, integer=False)
     if isinstance(job.kv_cache_memory, float) and job.kv_cache_memory > 1:
         raise JobConfigError(f"--kv-cache-memory as a fraction must be at most 1, got {job.kv_cache_memory!r}")
+    from elastic_ray.config import CacheConfig  # torch: imported once arguments are parsed
+
     auto = job.budget == "auto"
     if auto and job.method == "full":
         raise JobConfigError("--budget auto chooses a budget for a compressing method; --method full keeps "
@@ -102,6 +108,8 @@ def check_settings(job: CaptionJob) -> None:
 
 
 def _check_model(job: CaptionJob) -> None:
+    from elastic_ray.models.loading import check_local_model  # transformers: imported once arguments are parsed
+
     try:
         check_local_model(job.model, job.max_tokens)
     except ValueError as e:

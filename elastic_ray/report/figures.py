@@ -46,14 +46,15 @@ class Row:
                 "actors": [{k: v.as_json() if isinstance(v, Figure) else v for k, v in a.items()} for a in self.actors]}
 
 
-def _rates_hours_and_cost(f: dict[str, Figure], device: str, prices: dict[str, Figure]) -> None:
-    """Per-device rates, actor- and device-hours (one-actor tasks before the run billed too), cost per
-    1M captions, captions per device-hour and the packing factors, in place."""
+def _rates_hours_and_cost(f: dict[str, Figure], device: str, prices: dict[str, Figure],
+                          tasks: tuple[str, ...] = ()) -> None:
+    """Per-device rates, actor- and device-hours (`tasks`, the seconds of one-actor tasks outside the
+    run's wall time, billed too), cost per 1M captions, captions per device-hour and the packing
+    factors, in place."""
     for rate, unit in (("rows_per_s", "rows/s"), ("tokens_per_s", "tokens/s")):
         f[rate + "_per_device"] = derive(f"{unit} per {device}", f"{rate} / (actors x devices_per_actor)",
                                          lambda r, a, d: r / (a * d),
                                          r=f[rate], a=f["actors"], d=f["devices_per_actor"])
-    tasks = [name for name in ("calibration_s", "quality_sample_s") if name in f]  # each ran as one actor
     f["actor_hours"] = derive("actor-hours", f"(actors x wall_s{''.join(' + ' + t for t in tasks)}) / 3600",
                               lambda a, w, **task_s: (a * w + sum(task_s.values())) / 3600,
                               a=f["actors"], w=f["wall_s"], **{t: f[t] for t in tasks})
@@ -86,7 +87,7 @@ def _absent(names: dict[str, str], reason: str) -> dict[str, Figure]:
 
 def _fidelity(d: dict, src: str) -> dict[str, Figure]:
     """The run's quality sample: its ROUGE-L against the full cache, threshold, verdict, degenerate
-    captions and size, and its seconds (billed like a calibration)."""
+    captions and size, and its seconds."""
     sample = d.get("quality_sample")
     if sample is None:
         return _absent(FIDELITY_UNITS, "the run's metrics have no quality_sample (a job from before it was measured, "
@@ -111,11 +112,13 @@ def caption_rows(run: Run, prices: dict[str, Figure], evaluations: dict) -> list
     d, src = run.data, run.source
     gpus = d["settings"]["gpus_per_actor"]
     device = "GPU" if gpus > 0 else "CPU"
+    # the run's own rows and tokens: after a resume the metrics' totals are the whole output's
+    run, at = (d["this_run"], "this_run.") if "this_run" in d else (d, "")
     f = {
-        "rows": measured(d["rows"], "rows", src, "rows"),
-        "errors": measured(d["errors"], "rows", src, "errors"),
-        "input_tokens": measured(d["prompt_tokens"], "tokens", src, "prompt_tokens"),
-        "generated_tokens": measured(d["output_tokens"], "tokens", src, "output_tokens"),
+        "rows": measured(run["rows"], "rows", src, at + "rows"),
+        "errors": measured(run["errors"], "rows", src, at + "errors"),
+        "input_tokens": measured(run["prompt_tokens"], "tokens", src, at + "prompt_tokens"),
+        "generated_tokens": measured(run["output_tokens"], "tokens", src, at + "output_tokens"),
         "wall_s": measured(d["wall_s"], "s", src, "wall_s"),
         "rows_per_s": measured(d["rows_per_s"], "rows/s", src, "rows_per_s"),
         "tokens_per_s": measured(d["output_tokens_per_s"], "tokens/s", src, "output_tokens_per_s"),
@@ -133,7 +136,11 @@ def caption_rows(run: Run, prices: dict[str, Figure], evaluations: dict) -> list
     if "budget_calibration" in d:
         f["calibration_s"] = measured(d["budget_calibration"]["wall_s"], "s", src, "budget_calibration.wall_s")
     f |= _fidelity(d, src)
-    _rates_hours_and_cost(f, device, prices)
+    # a quality sample measured inside a caption actor while the run went on (`in_run`) is in the
+    # run's wall time already; one that ran as a task of its own is billed like a calibration
+    in_run = (d.get("quality_sample") or {}).get("in_run", False)
+    tasks = tuple(t for t in ("calibration_s", "quality_sample_s") if t in f and not (in_run and t == "quality_sample_s"))
+    _rates_hours_and_cost(f, device, prices, tasks)
     f |= quality(d["model"], d["method"], d["budget"], evaluations)
     actors = []
     for i, a in enumerate(d["actors"]):

@@ -1,4 +1,4 @@
-"""Training-only auxiliary loss for the demo VLM: label every image token with what it shows.
+"""Training-only auxiliary loss for the demo VLMs: label every image token with what it shows.
 
 Learned from answer tokens alone, a from-scratch vision tower grounds slowly: the text model
 must find an object among 196 image tokens before the tower gets a useful gradient. This head
@@ -20,29 +20,48 @@ import torch.nn.functional as F
 from torch import nn
 
 from elastic_ray.data.shapes import BACKGROUND, CELLS, COLORS, NOISE, SHAPES, SIZES, Scene
+from elastic_ray.data.shapes_v2 import DetailedScene
 
-MIN_PIXELS = 4  # object pixels a patch needs to count as covering the object
 ATTRIBUTES = (SHAPES, tuple(COLORS), SIZES)
 
 
 def patch_targets(scene: Scene, patch: int) -> torch.Tensor:
-    """(num_patches, 4) long tensor of (cell, shape, colour, size) ids; attribute 0 is "none"."""
-    pixels = np.asarray(scene.image, dtype=np.int16)
-    side = pixels.shape[0]
-    foreground = np.abs(pixels - BACKGROUND).max(-1) > 3 * NOISE
-    band = np.arange(side) * 3 // side
-    cell_map = band[:, None] * 3 + band[None, :]
-    n = side // patch
-    # object pixels per (patch, cell): the covered object is the one in the majority cell
-    counts = (np.eye(len(CELLS), dtype=np.int32)[cell_map] * foreground[..., None])
-    counts = counts.reshape(n, patch, n, patch, len(CELLS)).sum((1, 3)).reshape(n * n, len(CELLS))
-    centre_cell = cell_map[patch // 2::patch, patch // 2::patch].reshape(-1)
+    """(num_patches, 4) long tensor of (cell, shape, colour, size) ids; attribute 0 is "none".
 
-    attributes = np.zeros((len(CELLS), 3), dtype=np.int64)
+    A v2 scene's renderer records which object each pixel shows; in a v1 scene an object is any
+    pixel off the background grey, and it belongs to the object of the cell it lies in."""
+    if isinstance(scene, DetailedScene):
+        return label_targets(scene.object_map, [_attribute_ids(o) for o in scene.objects], patch)
+    pixels = np.asarray(scene.image, dtype=np.int16)
+    foreground = np.abs(pixels - BACKGROUND).max(-1) > 3 * NOISE
+    labels = (_cell_map(pixels.shape[0]) + 1) * foreground  # 1 + cell, 0 on background
+    by_cell = [[0, 0, 0] for _ in CELLS]
     for o in scene.objects:
-        attributes[o.cell] = [1 + words.index(w) for words, w in zip(ATTRIBUTES, (o.shape, o.color, o.size))]
-    covered = attributes[counts.argmax(-1)] * (counts.max(-1) >= MIN_PIXELS)[:, None]
+        by_cell[o.cell] = _attribute_ids(o)
+    return label_targets(labels, by_cell, patch)
+
+
+def label_targets(labels: np.ndarray, attributes: list[list[int]], patch: int) -> torch.Tensor:
+    """Patch targets from a (side, side) map of labels (0 = background, k = the object whose
+    attribute ids are `attributes[k - 1]`): each patch takes its centre's cell and the attributes
+    of the label covering most of it, if at least 1/16 of it."""
+    side = labels.shape[0]
+    n = side // patch
+    counts = np.eye(len(attributes) + 1, dtype=np.int32)[labels][..., 1:]  # (side, side, objects)
+    counts = counts.reshape(n, patch, n, patch, len(attributes)).sum((1, 3)).reshape(n * n, len(attributes))
+    centre_cell = _cell_map(side)[patch // 2::patch, patch // 2::patch].reshape(-1)
+    covered = np.array(attributes, dtype=np.int64)[counts.argmax(-1)] * (counts.max(-1) >= patch * patch // 16)[:, None]
     return torch.from_numpy(np.concatenate([centre_cell[:, None], covered], axis=1))
+
+
+def _cell_map(side: int) -> np.ndarray:
+    """(side, side) grid cell index (row-major) of every pixel."""
+    band = np.arange(side) * 3 // side
+    return band[:, None] * 3 + band[None, :]
+
+
+def _attribute_ids(o) -> list[int]:
+    return [1 + words.index(w) for words, w in zip(ATTRIBUTES, (o.shape, o.color, o.size))]
 
 
 class PatchHead(nn.Module):
