@@ -18,7 +18,8 @@ from pathlib import Path
 
 # On a GPU: 624 + 256 tokens and 40 GB of KV memory, so that the full cache gets ~86 slots and
 # Elastic Cache 0.2 ~431, with enough requests to fill the larger engine; one round (a GPU is not shared).
-GPU_DEFAULTS = dict(shape="llava-1.5-7b", requests=512, max_tokens=256, kv_budget_bytes=40 * 10**9, arms="a,e,f", rounds=1)
+GPU_DEFAULTS = dict(shape="llava-1.5-7b", requests=512, max_tokens=256, kv_budget_bytes=40 * 10**9, arms="a,e,f",
+                    rounds=1)
 CPU_DEFAULTS = dict(shape="quick", requests=48, max_tokens=32, kv_budget_bytes=None, arms="a,b,c,d,e,f", rounds=3)
 
 
@@ -37,7 +38,8 @@ def main() -> None:
     parser.add_argument("--max-num-seqs", type=int, default=None, help="cap on every engine's slots")
     parser.add_argument("--arms", default=None, help="which arms, by letter (default: all on CPU, a,e,f on GPU)")
     parser.add_argument("--rounds", type=int, help="interleaved rounds (default 3 on CPU, 1 on GPU)")
-    parser.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: float32 on CPU, bfloat16 on GPU)")
+    parser.add_argument("--dtype", default=None,
+                        help="float32, bfloat16, float16 (default: float32 on CPU, bfloat16 on GPU)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     parser.add_argument("--out", default="out/benchmark", help="run directory for benchmark.json")
     args = parser.parse_args()
@@ -70,7 +72,8 @@ def main() -> None:
 
     result = run_benchmark(model, processor, num_requests=args.requests or defaults["requests"], max_tokens=max_tokens,
                            kv_budgets=budgets, arms=arms, rounds=args.rounds or defaults["rounds"],
-                           max_num_seqs=args.max_num_seqs, keep_engines=not gpu, log=lambda line: print(line, flush=True))
+                           max_num_seqs=args.max_num_seqs, keep_engines=not gpu,
+                           log=lambda line: print(line, flush=True))
     result["model"] = args.model or f"random LLaVA-1.5 ({shape} shape)"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -64,6 +64,7 @@ def test_a_stop_string_across_two_tokens_ends_at_the_token_that_completes_it(tin
     words = free.text.split()
     stop = f"{words[3][-1]} {words[4][0]}"  # the end of one token, a space, the start of the next
     cut = llm.generate(request, SamplingParams(max_tokens=16, ignore_eos=True, stop=[stop]))[0]
-    expected_ids, expected_text, reason = finish(llm.tokenizer, free.token_ids, SamplingParams(max_tokens=16, stop=[stop]), set())
+    sampling = SamplingParams(max_tokens=16, stop=[stop])
+    expected_ids, expected_text, reason = finish(llm.tokenizer, free.token_ids, sampling, set())
     assert reason == cut.finish_reason == "stop"
     assert cut.token_ids == expected_ids and cut.text == expected_text == free.text[: free.text.index(stop)].strip()

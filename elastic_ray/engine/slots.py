@@ -100,7 +100,8 @@ class KVSlots:
         seen = self.seen[:n]
         over = policy.over_budget(lengths, seen) & active
         scores = None if self.scores is None else self.scores[layer][:n, :, :width]
-        victims = policy.victims(self.positions[layer][:n, :, :width], lengths, self.truncation[layer, :n], seen, scores)
+        victims = policy.victims(self.positions[layer][:n, :, :width], lengths, self.truncation[layer, :n], seen,
+                                 scores)
         self.free[layer, :n] = torch.where(over[:, None], victims, -1)
 
     def move(self, source: int, target: int) -> None:

@@ -97,7 +97,8 @@ class CompressedLayer(CacheLayerMixin):
 
     def logical_index(self) -> Tensor:
         """[B, W] physical column of each row's i-th entry (wrapping past the row's end)."""
-        return (torch.arange(self.width, device=self.lengths.device)[None, :] + self.width - self.lengths[:, None]) % self.width
+        columns = torch.arange(self.width, device=self.lengths.device)[None, :]
+        return (columns + self.width - self.lengths[:, None]) % self.width
 
     def compress_prompt(self, selection: Selection, order: Tensor, scores: Tensor | None) -> None:
         """Replace the raw, left-padded prompt by the selected entries, right-aligned per row.

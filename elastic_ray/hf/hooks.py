@@ -45,7 +45,8 @@ def _attention_post_hook(cache_layers: int):
         if not layer.compressed:
             scores = None
             if policy.prompt_scores is not None:
-                raw = policy.prompt_importance(_queries(module, kwargs), layer.keys, module.scaling, cache.real, cache.image)
+                raw = policy.prompt_importance(_queries(module, kwargs), layer.keys, module.scaling, cache.real,
+                                               cache.image)
                 scores = _pack(raw, cache.order)
             selection = policy.select_prompt(
                 scores, cache.seen, image=None if cache.image is None else _pack(cache.image, cache.order),
