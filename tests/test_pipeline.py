@@ -629,3 +629,36 @@ def test_budget_auto_calibrates_on_the_input_and_captions_at_its_choice(cluster,
         first, _ = run_cell(model, processor, Cell("h2o", tried[0]["budget"]), samples, max_tokens, full,
                             score_ppl=False)
     assert first["rouge_l"] == pytest.approx(tried[0]["rouge_l"])
+
+
+SAMPLE_APART = """
+import json, sys, threading, time
+from elastic_ray.eval.spot_check import fidelity
+from elastic_ray.pipeline.job import CaptionJob
+from elastic_ray.pipeline.run import run
+
+
+def score(captions, references):
+    if threading.current_thread().name == "quality-sample":  # the actor's own measurement never ends
+        time.sleep(3600)
+    return fidelity(captions, references)
+
+
+job = CaptionJob(input=sys.argv[1], output=sys.argv[2], model=sys.argv[3], max_tokens=4, quality_sample=3,
+                 progress=False)
+print(json.dumps(run(job, score=score)["quality_sample"]))
+"""
+
+
+@pytest.mark.slow
+def test_a_quality_sample_the_pipeline_outran_is_measured_after_it(shards, tiny_model, tmp_path):
+    """A small input can be captioned before the actor measuring the sample has finished; the
+    sample is then measured in a task of its own after the pipeline, not left unmeasured."""
+    script = tmp_path / "sample_apart.py"
+    script.write_text(SAMPLE_APART)
+    result = subprocess.run([sys.executable, str(script), shards, str(tmp_path / "out"), tiny_model], cwd=REPO,
+                            env={**os.environ, **ray_env()}, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    quality = json.loads(result.stdout.strip().splitlines()[-1])
+    assert quality["in_run"] is False and quality["rows"] == quality["captioned"] == 3
+    assert quality["rouge_l"] is not None and quality["passed"] == (quality["rouge_l"] >= 0.5)

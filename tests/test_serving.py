@@ -557,8 +557,22 @@ def raw_post(url: str, path: str, size: int, declared: bool) -> tuple[int, bytes
     with sock:
         answer = sock.recv(4096)
         answered.set()
+        while not _whole_answer(answer):  # the head and the body may come in separate reads
+            more = sock.recv(4096)
+            if not more:
+                break
+            answer += more
         sender.join(30)
     return sent[0], answer
+
+
+def _whole_answer(answer: bytes) -> bool:
+    """Whether `answer` holds an HTTP response's head and its Content-Length bytes of body."""
+    head, found, body = answer.partition(b"\r\n\r\n")
+    if not found:
+        return False
+    lengths = [line.split(b":", 1)[1] for line in head.lower().split(b"\r\n") if line.startswith(b"content-length:")]
+    return len(body) >= int(lengths[0]) if lengths else False
 
 
 @pytest.mark.slow

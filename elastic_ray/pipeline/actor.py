@@ -69,6 +69,19 @@ class ActorStats:
         return self.actors
 
 
+def measure_sample_apart(job: CaptionJob, requests: list[dict], score) -> dict:
+    """The quality sample measured in a Ray task of its own (one caption actor's resources), for a
+    run whose pipeline ended before the actor measuring it had finished (a small input)."""
+    from elastic_ray.pipeline.captions import Captions
+    from elastic_ray.pipeline.sample import measure_sample
+
+    captions = Captions(job, max_engines=2)
+    try:
+        return measure_sample(captions.loop, captions.engine, captions.cache, captions.sampling, requests, score)
+    finally:
+        captions.close()
+
+
 class Captioner:
     """The actor-pool callable: `Captions`, reporting to `ActorStats` after every batch its counts and
     what was measured since the last report: its engine loop's decode steps, busy slots, waiting

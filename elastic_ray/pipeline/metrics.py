@@ -121,14 +121,15 @@ def quality_skipped(job: CaptionJob, reason: str) -> dict:
             "passed": None, "skipped": reason}
 
 
-def quality_judged(job: CaptionJob, measured: dict | None) -> dict:
-    """The metrics' `quality_sample` from what the actor measured (None: it never reported); `in_run`:
-    its seconds were spent inside the run's wall time, on a caption actor."""
+def quality_judged(job: CaptionJob, measured: dict | None, in_run: bool = True) -> dict:
+    """The metrics' `quality_sample` from what was measured (None: never reported); `in_run`: its
+    seconds were spent inside the run's wall time, on a caption actor (else in a task after it,
+    billed apart)."""
     if measured is None:
         return quality_skipped(job, "the actor measuring it stopped before it finished")
     if measured["rouge_l"] is None:
-        return {**quality_skipped(job, "the engine refused every sample row"), **measured, "in_run": True}
-    return {**measured, "min_rouge": job.min_rouge, "passed": measured["rouge_l"] >= job.min_rouge, "in_run": True}
+        return {**quality_skipped(job, "the engine refused every sample row"), **measured, "in_run": in_run}
+    return {**measured, "min_rouge": job.min_rouge, "passed": measured["rouge_l"] >= job.min_rouge, "in_run": in_run}
 
 
 def quality_warning(job: CaptionJob, quality: dict) -> str | None:

@@ -14,7 +14,7 @@ import ray
 from pyarrow.fs import FSSpecHandler, PyFileSystem
 from ray.data import ActorPoolStrategy, DataContext
 
-from elastic_ray.pipeline.actor import ActorStats, Captioner
+from elastic_ray.pipeline.actor import ActorStats, Captioner, measure_sample_apart
 from elastic_ray.pipeline.console import quiet_ray
 from elastic_ray.pipeline.inputs import Input, inspect_input
 from elastic_ray.pipeline.job import CaptionJob, JobConfigError, check_settings
@@ -144,7 +144,13 @@ def _execute(job: CaptionJob, found: Input, ray_start_s: float, calibration: dic
         wall = time.perf_counter() - start
         actors = ray.get(stats.snapshot.remote())
         if measured:
-            quality = quality_judged(job, ray.get(stats.sample.remote()))
+            result, in_run = ray.get(stats.sample.remote()), True
+            if result is None:  # the pipeline ended before its actor finished the sample: measure it apart
+                task = ray.remote(measure_sample_apart).options(num_cpus=job.cpus_per_actor,
+                                                                num_gpus=job.gpus_per_actor or None)
+                result, in_run = ray.get(task.remote(job, quality, score)), False
+                warn(result)
+            quality = quality_judged(job, result, in_run)
     finally:
         ray.kill(stats)
     files = our_files(out_fs, out_root)
