@@ -48,3 +48,8 @@ def engine_settings(args: argparse.Namespace) -> dict:
     """The settings `add_engine_flags` parsed, by name; `cache_options` a dict."""
     return {"method": args.method, "budget": args.budget, "cache_options": dict(args.cache_option),
             "max_tokens": args.max_tokens, "max_num_seqs": args.max_num_seqs, "kv_cache_memory": args.kv_cache_memory}
+
+
+def refuse(parser: argparse.ArgumentParser, message: str) -> None:
+    """Exit 2 with one line: the flags parsed, a value is wrong (no usage text)."""
+    parser.exit(2, f"{parser.prog}: error: {message}\n")

@@ -12,7 +12,7 @@ Arguments are parsed before torch and Ray are imported: `--help` and bad argumen
 import argparse
 import os
 
-from elastic_ray.flags import add_engine_flags, engine_settings
+from elastic_ray.flags import add_engine_flags, engine_settings, refuse
 from elastic_ray.pipeline.job import INPUT_FORMATS, CaptionJob, JobConfigError
 
 DEMO_INPUT = "out/demo-shards"
@@ -128,12 +128,12 @@ def main(argv=None) -> None:
     try:
         extra = read_runs(args.report_with)
     except (OSError, ValueError) as e:
-        p.error(f"--report-with: {e}")
+        refuse(p, f"--report-with: {e}")
     try:
         with DroppedLines():
             metrics = run(job, calibrate, score)
     except JobConfigError as e:
-        p.error(str(e))
+        refuse(p, str(e))
     if metrics is None:
         print(f"{job.output} already holds a caption for every input row; nothing to do (metrics and report "
               "left as they are)", flush=True)

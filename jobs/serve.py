@@ -16,7 +16,7 @@ import signal
 
 from pydantic import ValidationError
 
-from elastic_ray.flags import add_engine_flags, engine_settings
+from elastic_ray.flags import add_engine_flags, engine_settings, refuse
 from elastic_ray.serving.settings import ServeConfig
 
 
@@ -63,11 +63,6 @@ def config_from(args: argparse.Namespace) -> ServeConfig:
         max_queued_requests=args.max_queued_requests, retry_after_s=args.retry_after, num_cpus=args.num_cpus,
         num_gpus=args.num_gpus,
     )
-
-
-def refuse(p: argparse.ArgumentParser, message: str) -> None:
-    """Exit 2 with one line: the flags parsed, a value is wrong (no usage text)."""
-    p.exit(2, f"{p.prog}: error: {message}\n")
 
 
 def main(argv=None) -> None:

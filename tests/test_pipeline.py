@@ -95,6 +95,19 @@ def test_bad_arguments_are_refused(shards, tiny_model, tmp_path, change, message
         check(replace(job, **change))
 
 
+def test_a_model_neither_demo_local_nor_cached_exits_2_with_one_line_before_ray(shards, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "jobs/caption.py", "--input", shards, "--output", str(tmp_path / "out"),
+         "--model", "example-org/not-in-any-cache"], capture_output=True, text=True, cwd=REPO, timeout=120,
+        env={**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub")})
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.splitlines() == [
+        "caption.py: error: --model, --max-tokens: model 'example-org/not-in-any-cache' is neither 'demo', a local "
+        f"directory nor in the local Hugging Face cache ({tmp_path / 'hub'}); download it first "
+        "(hf download example-org/not-in-any-cache)"]
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_non_empty_output_needs_resume(shards, tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "part.parquet").write_bytes(b"x")
