@@ -57,7 +57,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--preset", choices=sorted(PRESETS),
                         help="a named sweep (flags given as well override it); 'readme' writes to "
                              "elastic_ray/eval/demo_results (under it, a folder per model other than demo)")
-    parser.add_argument("--model", default="demo", help="'demo', a local path or a hub id")
+    parser.add_argument("--model", default="demo", help="'demo', 'demo-v2', a local path or a hub id")
+    parser.add_argument("--scenes", choices=["demo", "demo-v2"], default=None,
+                        help="which demo model's test scenes the shapes samples are (demo-v2: a caption, a "
+                             "description and a question per scene); default: --model's when it names a demo "
+                             "model, else demo")
     parser.add_argument("--methods", default="full,elastic,h2o,streaming", help="comma-separated variants")
     parser.add_argument("--budgets", type=floats, default=[round(0.1 * i, 1) for i in range(1, 11)])
     parser.add_argument("--ablations", default="", help="comma-separated variants run at --ablation-budgets")
@@ -74,7 +78,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--image-column", default="image")
     parser.add_argument("--instruction-column", default="instruction")
     parser.add_argument("--reference-column", default="reference")
-    parser.add_argument("--max-tokens", type=int, default=48, help="greedy output length (the paper used 1024)")
+    parser.add_argument("--max-tokens", type=int, default=None,
+                        help="greedy output length (the paper used 1024); default: 128 with demo-v2 scenes (its "
+                             "descriptions), else 48")
     parser.add_argument("--no-ppl", action="store_true", help="skip teacher forcing: no PPL, half the work")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per process (default: torch's)")
     parser.add_argument("--workers", type=int, default=1,
@@ -92,6 +98,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.methods, args.ablations = _variants(parser, args.methods), _variants(parser, args.ablations)
     if any(not 0 < b <= 1 for b in args.budgets + (args.ablation_budgets or [])):
         parser.error(f"budgets must be in (0, 1], got {args.budgets}")
+    args.scenes = args.scenes or (args.model if args.model in ("demo", "demo-v2") else "demo")
+    args.max_tokens = args.max_tokens or (128 if args.scenes == "demo-v2" and not args.data else 48)
     if args.out is None:
         results = Path("elastic_ray/eval/demo_results")
         args.out = str(results if args.model == "demo" else results / Path(args.model).name) if preset else "out/eval"
@@ -119,7 +127,7 @@ def samples_of(args, seed: int):
         return parquet_samples(args.data, args.samples, offset=seed * args.samples, kind=args.data_kind,
                                id_column=args.id_column, image_column=args.image_column,
                                instruction_column=args.instruction_column, reference_column=args.reference_column)
-    return shapes_samples(args.samples, seed=seed)
+    return shapes_samples(args.samples, seed=seed, scenes=args.scenes)
 
 
 def ray_runner(args, seed: int):
@@ -210,7 +218,7 @@ def main(argv=None) -> None:
         runs[seed] = sweep(model, processor, cells, samples, args.max_tokens, runner, log, score_ppl=not args.no_ppl)
     if pool:
         pool.shutdown()
-    result = {"model": args.model, "data": args.data or "shapes (test split)", "samples": len(samples),
+    result = {"model": args.model, "data": args.data or f"{args.scenes} shapes (test split)", "samples": len(samples),
               "seeds": args.seeds, "max_tokens": args.max_tokens, "wall_s": round(time.perf_counter() - start, 1),
               "methods": [m for m in args.methods if m != "full"], "cells": combine_seeds(runs)}
     for path in write_results(result, Path(args.out), {"summary.md": summary(result, PRESET_METHOD)}):

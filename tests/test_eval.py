@@ -47,6 +47,31 @@ def test_shapes_accuracy_scores_captions_and_answers_separately():
     assert scores["accuracy"] == 0.5
 
 
+def test_descriptions_are_scored_apart_and_count_toward_task_accuracy():
+    description = "There is one object on a striped background. A small red circle is at the top left."
+    scores = shapes_accuracy(["caption", "description", "description", "vqa"],
+                             ["a small red circle at the top left.", description.lower(), "There is one object.", "no"],
+                             ["a small red circle at the top left.", description, description, "red"])
+    assert scores["description_exact_match"] == 0.5 and scores["caption_exact_match"] == 1.0
+    assert scores["accuracy"] == 0.5  # 2 of 4 samples exact
+    assert "description_exact_match" not in shapes_accuracy(["caption"], ["x"], ["y"])  # v1 samples: no column
+
+
+def test_demo_v2_scenes_give_a_caption_a_description_and_a_question_each():
+    from elastic_ray.data.shapes_v2 import DESCRIPTION_INSTRUCTION, parse_description
+
+    samples = shapes_samples(3, seed=1, scenes="demo-v2")
+    assert [s.kind for s in samples] == ["caption", "description", "vqa"] * 3
+    assert all(s.image.size == (224, 224) for s in samples)
+    descriptions = [s for s in samples if s.kind == "description"]
+    assert all(s.instruction == DESCRIPTION_INSTRUCTION and len(s.reference.split()) > 15 for s in descriptions)
+    assert all(parse_description(s.reference).objects for s in descriptions)
+    assert [s.reference for s in shapes_samples(3, seed=1)] != [s.reference for s in samples[:6]]  # v1 differs
+    assert [s.kind for s in shapes_samples(2)] == ["caption", "vqa"] * 2  # v1: as before
+    with pytest.raises(ValueError, match="scenes must be one of"):
+        shapes_samples(1, scenes="demo-v3")
+
+
 def test_teacher_forced_logprobs_equal_one_plain_forward_over_prompt_and_answer(tiny_llava):
     model, processor = tiny_llava
     sample = shapes_samples(1)[0]
@@ -162,6 +187,11 @@ def test_the_readme_preset_is_one_command_and_another_model_one_flag_more():
     assert other.out == "elastic_ray/eval/demo_results/demo-llava" and other.methods == readme.methods
     assert job.parse_args(["--preset", "readme", "--samples", "3"]).samples == 3  # flags override the preset
     assert job.parse_args([]).out == "out/eval"
+    v2 = job.parse_args(["--preset", "readme", "--model", "demo-v2"])  # its own scenes, room for descriptions
+    assert (v2.scenes, v2.max_tokens, v2.out) == ("demo-v2", 128, "elastic_ray/eval/demo_results/demo-v2")
+    assert (readme.scenes, readme.max_tokens) == ("demo", 48)
+    trained = job.parse_args(["--model", "/runs/demo-v2", "--scenes", "demo-v2"])
+    assert (trained.scenes, trained.max_tokens) == ("demo-v2", 128)
 
 
 @pytest.mark.slow  # jobs/evaluate.py in a subprocess

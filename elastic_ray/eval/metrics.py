@@ -26,13 +26,24 @@ def rouge_l(predictions: list[str], references: list[str]) -> float:
 
 def shapes_accuracy(kinds: list[str], predictions: list[str], references: list[str]) -> dict:
     """Scores against the shapes ground truth: caption exact match and object F1 on captions,
-    answer accuracy on questions, and `accuracy`, the share of samples answered exactly."""
-    captions = [(p, r) for k, p, r in zip(kinds, predictions, references) if k == "caption"]
-    answers = [(p, r) for k, p, r in zip(kinds, predictions, references) if k == "vqa"]
-    exact = [caption_exact_match(p, r) for p, r in captions] + [answer_match(p, r) for p, r in answers]
-    return {
-        "accuracy": sum(exact) / len(exact),
-        "caption_exact_match": sum(caption_exact_match(p, r) for p, r in captions) / len(captions) if captions else None,
-        "object_f1": sum(object_f1(p, r) for p, r in captions) / len(captions) if captions else None,
-        "vqa_accuracy": sum(answer_match(p, r) for p, r in answers) / len(answers) if answers else None,
+    exact match on descriptions (demo-v2), answer accuracy on questions, and `accuracy`, the share
+    of samples answered exactly."""
+    def of(kind: str) -> list[tuple[str, str]]:
+        return [(p, r) for k, p, r in zip(kinds, predictions, references) if k == kind]
+
+    def mean(values: list) -> float | None:
+        return sum(values) / len(values) if values else None
+
+    captions, descriptions, answers = of("caption"), of("description"), of("vqa")
+    exact = {kind: [caption_exact_match(p, r) for p, r in pairs]
+             for kind, pairs in (("caption", captions), ("description", descriptions))}
+    exact["vqa"] = [answer_match(p, r) for p, r in answers]
+    scores = {
+        "accuracy": mean([hit for hits in exact.values() for hit in hits]),
+        "caption_exact_match": mean(exact["caption"]),
+        "object_f1": mean([object_f1(p, r) for p, r in captions]),
+        "vqa_accuracy": mean(exact["vqa"]),
     }
+    if descriptions:
+        scores["description_exact_match"] = mean(exact["description"])
+    return scores

@@ -13,8 +13,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 
 METRICS = {"ppl": "PPL (lower is better)", "rouge_l": "ROUGE-L F1 vs full cache", "accuracy": "task accuracy"}
-SCORES = ["ppl", "ppl_caption", "ppl_vqa", "rouge_l", "rouge_l_caption", "rouge_l_vqa", "accuracy",
-          "caption_exact_match", "object_f1", "vqa_accuracy", "kv_bytes_mean", "kv_bytes_full_mean", "slot_entries"]
+SCORES = ["ppl", "ppl_caption", "ppl_description", "ppl_vqa", "rouge_l", "rouge_l_caption", "rouge_l_description",
+          "rouge_l_vqa", "accuracy", "caption_exact_match", "object_f1", "description_exact_match", "vqa_accuracy",
+          "kv_bytes_mean", "kv_bytes_full_mean", "slot_entries"]
 COLUMNS = ["label", "budget", *SCORES[:-2], "errors"]
 
 

@@ -8,6 +8,9 @@ from PIL import Image
 
 from elastic_ray.data.images import decode_image
 from elastic_ray.data.shapes import CAPTION_INSTRUCTION, make_scenes
+from elastic_ray.data.shapes_v2 import make_detailed_scenes
+
+SCENES = {"demo": make_scenes, "demo-v2": make_detailed_scenes}  # a demo model's own test scenes
 
 
 @dataclass(frozen=True)
@@ -16,16 +19,21 @@ class Sample:
     image: Image.Image
     instruction: str
     reference: str
-    kind: str  # "caption", "vqa", or "reference" for a data set with no task scorer
+    kind: str  # "caption", "description", "vqa", or "reference" for a data set with no task scorer
 
 
-def shapes_samples(n: int, seed: int = 0) -> list[Sample]:
-    """`n` test-split scenes, each as a caption sample and as one of its questions."""
+def shapes_samples(n: int, seed: int = 0, scenes: str = "demo") -> list[Sample]:
+    """`n` test-split scenes of a demo model's data (`SCENES`), each as its long samples (a caption;
+    with demo-v2 also a multi-sentence description) and as one of its questions."""
+    if scenes not in SCENES:
+        raise ValueError(f"scenes must be one of {sorted(SCENES)}, got {scenes!r}")
     rng = random.Random(seed)
     samples = []
-    for i, scene in enumerate(make_scenes(n, seed=seed, split="test")):
+    for i, scene in enumerate(SCENES[scenes](n, seed=seed, split="test")):
         question, answer = rng.choice(scene.qa)
-        samples.append(Sample(f"{i}-caption", scene.image, CAPTION_INSTRUCTION, scene.caption, "caption"))
+        for instruction, reference in scene.long_targets:
+            kind = "caption" if instruction == CAPTION_INSTRUCTION else "description"
+            samples.append(Sample(f"{i}-{kind}", scene.image, instruction, reference, kind))
         samples.append(Sample(f"{i}-vqa", scene.image, question, answer, "vqa"))
     return samples
 

@@ -5,8 +5,9 @@ for the preset against canonical H2O and the full cache."""
 from elastic_ray.eval.results import format_score
 
 KIND_SCORES = {"ppl_caption": "caption PPL", "rouge_l_caption": "caption ROUGE-L",
-               "caption_exact_match": "caption exact", "ppl_vqa": "answer PPL", "rouge_l_vqa": "answer ROUGE-L",
-               "vqa_accuracy": "answer accuracy"}
+               "caption_exact_match": "caption exact", "ppl_description": "description PPL",
+               "rouge_l_description": "description ROUGE-L", "description_exact_match": "description exact",
+               "ppl_vqa": "answer PPL", "rouge_l_vqa": "answer ROUGE-L", "vqa_accuracy": "answer accuracy"}
 ALL_SCORES = {"ppl": "PPL", "rouge_l": "ROUGE-L", "accuracy": "task accuracy"}
 
 
@@ -26,7 +27,8 @@ def _table(cells: list[dict], rows: list[tuple[str, float]], scores: dict[str, s
 
 def scores_table(cells: list[dict], labels: list[str], budgets: list[float]) -> str:
     """Captions and answers scored separately (shapes samples), every label at every budget."""
-    scores = KIND_SCORES if any(c.get("ppl_caption") is not None for c in cells) else ALL_SCORES
+    scores = ({k: title for k, title in KIND_SCORES.items() if any(c.get(k) is not None for c in cells)}
+              if any(c.get("ppl_caption") is not None for c in cells) else ALL_SCORES)
     return _table(cells, [("full", 1.0)] + [(label, b) for b in sorted(budgets, reverse=True) for label in labels],
                   scores)
 

@@ -71,7 +71,7 @@ def run_cell(model, processor, cell: Cell, samples: list[Sample], max_tokens: in
     Returns the cell's scores and its greedy texts. PPL is spec §8's on the reference followed by
     the EOS: the first answer token is scored from the full prompt pass, every later one against
     the compressed cache with the generation-stage rule applied after each step. With several
-    kinds of samples (shapes captions and questions) PPL and ROUGE-L are also given per kind
+    kinds of samples (shapes captions, descriptions and questions) PPL and ROUGE-L are also given per kind
     (`ppl_caption`, `rouge_l_vqa`, ...).
     """
     end = end_token(model, processor.tokenizer)
@@ -98,7 +98,7 @@ def run_cell(model, processor, cell: Cell, samples: list[Sample], max_tokens: in
         suffix = "" if kind is None else f"_{kind}"
         result["ppl" + suffix] = perplexity([logprobs[i] for i in rows]) if score_ppl else None
         result["rouge_l" + suffix] = rouge_l([texts[i] for i in rows], [references[i] for i in rows])
-    if set(kinds) <= {"caption", "vqa"}:
+    if set(kinds) <= {"caption", "description", "vqa"}:
         result |= shapes_accuracy([samples[i].kind for i in ok], [texts[i] for i in ok],
                                   [samples[i].reference for i in ok])
     else:
