@@ -42,6 +42,25 @@ def free_memory(device: torch.device) -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
+@dataclass
+class Group:
+    """Sequences sampled together: row i of `copy` is `seqs[i]`'s token, whatever slot moves
+    happen before it is read; `kv_entries[i]`: what its slot held after the step."""
+
+    seqs: list[Sequence]
+    copy: Copy
+    kv_entries: list[int]
+
+
+@dataclass
+class Launch:
+    """A step launched on the device whose outputs are still to be made: its sampled groups, and
+    the sequences whose prefill failed (with their error outputs)."""
+
+    groups: list[Group]
+    failed: list[tuple[Sequence, RequestOutput]]
+
+
 class Engine:
     """One model, one cache method, `num_slots` sequences in flight.
 
@@ -163,22 +182,23 @@ class Engine:
         return True
 
     def _owed(self, request_id) -> Sequence | None:
-        """The sequence of `request_id` if the step in flight still owes its output (it left its
-        slot when its last token was drawn)."""
-        launched = self._in_flight.sequences() if self._in_flight else []
-        return next((s for s in launched if s.request_id == request_id and not s.ended), None)
+        """The sequence of `request_id` if the step in flight owes its output but it holds no slot any
+        more: a failed prefill, whose error output comes one step later with async output."""
+        failed = self._in_flight.failed if self._in_flight else []
+        return next((seq for seq, _ in failed if seq.request_id == request_id and not seq.ended), None)
 
     def step(self) -> list[RequestOutput]:
         """Launch one step (a prefill of newly admitted requests, else a decode of the running ones),
         then turn a launched step's tokens into outputs: this step's, or with `async_output` the step
         before's, so that the host works on step N while the device computes step N+1."""
+        # a sequence whose last token is drawn ends, known on the host before that token is read
         self._retire([seq for seq in self.scheduler.running if seq.drawn == seq.sampling.max_tokens])
         launched = self._launch()
         if self.async_output:
             launched, self._in_flight = self._in_flight, launched
         return self._collect(launched) if launched else []
 
-    def _launch(self) -> "Launch | None":
+    def _launch(self) -> Launch | None:
         self.runner.readback.flip()  # the step before's copy may not have been read yet
         admitted = self.scheduler.admit()
         if admitted:
@@ -187,7 +207,7 @@ class Engine:
             return self._decode(list(self.scheduler.running))
         return None
 
-    def _prefill(self, admitted: list[Sequence]) -> "Launch":
+    def _prefill(self, admitted: list[Sequence]) -> Launch:
         """Prefill the admitted sequences together; if that fails, each alone, so a request that
         cannot be prefilled (or compressed) fails by itself with finish_reason "error"."""
         self.steps["prefill"] += 1
@@ -205,7 +225,7 @@ class Engine:
         self.peak_kv_bytes = max(self.peak_kv_bytes, stored * self.entry_bytes)
         return Launch([self._sample(seqs, logits) for seqs, logits in groups], failed)
 
-    def _decode(self, seqs: list[Sequence]) -> "Launch":
+    def _decode(self, seqs: list[Sequence]) -> Launch:
         """One token for every running sequence (seqs[i] owns slot i)."""
         stored = sum(s.kv_entries for s in seqs) + len(seqs)  # the new entries, before any eviction
         self.peak_kv_bytes = max(self.peak_kv_bytes, stored * self.entry_bytes)
@@ -216,13 +236,13 @@ class Engine:
         self.busy_slot_steps += len(seqs)
         return Launch([self._sample(seqs, logits)], [])
 
-    def _sample(self, seqs: list[Sequence], logits) -> "Group":
+    def _sample(self, seqs: list[Sequence], logits) -> Group:
         copy = self.runner.sample(logits, seqs[0].slot, seqs)
         for seq in seqs:
             seq.drawn += 1
         return Group(seqs, copy, [s.kv_entries for s in seqs])
 
-    def _collect(self, launch: "Launch") -> list[RequestOutput]:
+    def _collect(self, launch: Launch) -> list[RequestOutput]:
         """A launched step's outputs: its tokens read back and appended; the finished sequences end
         and leave their slots. A row whose sequence had already ended was computed for nothing."""
         outputs = [(seq, output) for seq, output in launch.failed if not seq.ended]
@@ -302,28 +322,6 @@ class Engine:
             output.request_id = index
             outputs.append(output)
         return outputs
-
-
-@dataclass
-class Group:
-    """Sequences sampled together: row i of `copy` is `seqs[i]`'s token, whatever slot moves
-    happen before it is read; `kv_entries[i]`: what its slot held after the step."""
-
-    seqs: list[Sequence]
-    copy: Copy
-    kv_entries: list[int]
-
-
-@dataclass
-class Launch:
-    """A step launched on the device whose outputs are still to be made: its sampled groups, and
-    the sequences whose prefill failed (with their error outputs)."""
-
-    groups: list[Group]
-    failed: list[tuple[Sequence, RequestOutput]]
-
-    def sequences(self) -> list[Sequence]:
-        return [seq for group in self.groups for seq in group.seqs] + [seq for seq, _ in self.failed]
 
 
 def _failure(seq: Sequence, error: Exception) -> RequestOutput:
