@@ -10,8 +10,8 @@ Every arm captions the same 16 test scenes with EOS ignored (--tokens each, all 
 after one untimed round (which compiles the compiled arms); then --rounds rounds, each running every
 arm once, in an order that reverses from round to round. A decode step is one `engine.step()` that
 decodes (the host's work on its tokens included), timed alone in the process's CPU time and in wall
-time. Prints, per arm, the median over rounds of each round's median step, and per round the ratio of
-each arm's step to the first arm's of the same method; JSON with --out.
+time. Prints, per arm, the median over rounds of each round's median step, and the ratio of the first
+arm of the same method's step to this arm's, per round and their median; JSON with --out.
 """
 
 import argparse
@@ -132,8 +132,9 @@ def main() -> None:
         row["yardstick"], row["warmup_s"] = yardstick, arm["ready"]["warmup_s"]
         summary[label] = row
         print(f"  {label:28s} CPU {row['cpu']:7.2f} ms  wall {row['wall']:7.2f} ms   vs {yardstick}: CPU "
-              + " ".join(f"x{x:.2f}" for x in row["speedup_cpu"]) + "  wall "
-              + " ".join(f"x{x:.2f}" for x in row["speedup_wall"]))
+              f"x{statistics.median(row['speedup_cpu']):.2f} (" + " ".join(f"{x:.2f}" for x in row["speedup_cpu"])
+              + f"), wall x{statistics.median(row['speedup_wall']):.2f} ("
+              + " ".join(f"{x:.2f}" for x in row["speedup_wall"]) + ")")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"args": vars(args), "rounds": rounds, "summary": summary}, indent=1))
