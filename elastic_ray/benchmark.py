@@ -39,6 +39,7 @@ class Arm:
     method: str  # "generate" = transformers' own generate() with its default full cache
     budget: float = 1.0
     compile: bool = False
+    async_output: bool | None = None  # None: the device's default (on for CUDA)
 
 
 ARMS = [
@@ -48,6 +49,8 @@ ARMS = [
     Arm("d", "engine, elastic 0.2", "elastic", 0.2),
     Arm("e", "engine, full cache, compiled", "full", compile=True),
     Arm("f", "engine, elastic 0.2, compiled", "elastic", 0.2, compile=True),
+    Arm("g", "engine, elastic 0.2, async output", "elastic", 0.2, async_output=True),
+    Arm("h", "engine, elastic 0.2, sync output", "elastic", 0.2, async_output=False),
 ]
 
 # Random-weight LLaVA-1.5 shapes (336 px, patch 14: 576 image tokens unless said otherwise).
@@ -196,7 +199,7 @@ def make_engine(model, processor, arm: Arm, requests, max_tokens: int, kv_budget
                 max_num_seqs: int | None) -> Engine:
     config = EngineConfig(kv_cache_memory=kv_budget_bytes, max_num_seqs=max_num_seqs or len(requests),
                           max_prompt_tokens=prompt_tokens(processor, requests), max_tokens=max_tokens,
-                          compile=arm.compile)
+                          compile=arm.compile, async_output=arm.async_output)
     return Engine(model, processor, CacheConfig(arm.method, arm.budget).policy, config)
 
 
@@ -333,6 +336,7 @@ def _summary(arm: Arm, budget: int, runs: dict, warmup_s: float | None, num_requ
 
     result = {
         "key": arm.key, "name": arm.name, "method": arm.method, "budget": arm.budget, "compile": arm.compile,
+        "async_output": arm.async_output,
         "kv_budget_bytes": budget, **{k: mine[0][k] for k in ("generated_tokens", "slots", "kv_bytes_per_seq")},
         "wall_s": median("wall_s"), "cpu_s": median("cpu_s"), "peak_kv_bytes": max(r["peak_kv_bytes"] for r in mine),
         "warmup_s": warmup_s,

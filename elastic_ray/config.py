@@ -99,7 +99,10 @@ class EngineConfig:
     method's bound for `max_prompt_tokens + max_tokens` (None: the model's image tokens plus
     `TEXT_TOKENS`, within the context); longer requests are refused. `max_prefill_tokens` bounds the tokens of
     one prefill batch. `compile`: run each decode step as one `torch.compile`d graph (CUDA graphs on a
-    GPU); None takes the device's default (`engine.default_compile`).
+    GPU); None takes the device's default (`engine.default_compile`). `async_output`: read a step's
+    sampled tokens back after launching the next step, so the host's work on them overlaps the
+    device's next step (outputs come one step later); None takes the device's default
+    (`engine.default_async_output`).
     """
 
     kv_cache_memory: int | float = 0.25
@@ -108,6 +111,7 @@ class EngineConfig:
     max_tokens: int = 256
     max_prefill_tokens: int = 8192
     compile: bool | None = None
+    async_output: bool | None = None
 
     def __post_init__(self):
         memory = self.kv_cache_memory
@@ -119,8 +123,10 @@ class EngineConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.compile is not None and not isinstance(self.compile, bool):
-            raise ValueError(f"compile must be True, False or None, got {self.compile!r}")
+        for name in ("compile", "async_output"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, bool):
+                raise ValueError(f"{name} must be True, False or None, got {value!r}")
         prompt = self.max_prompt_tokens
         if prompt is not None and (isinstance(prompt, bool) or not isinstance(prompt, int) or prompt < 1):
             raise ValueError(f"max_prompt_tokens must be a positive integer or None, got {prompt!r}")

@@ -3,13 +3,15 @@
     python jobs/benchmark.py --shape quick                       # CPU: a ~110 M-parameter LLaVA-1.5 shape
     python jobs/benchmark.py --shape bandwidth --arms b,d,f      # CPU: decode bound by reading the cache
     python jobs/benchmark.py --model demo --max-num-seqs 16 --full-sequences 64   # per-step cost, 16 slots
+    python jobs/benchmark.py --model demo --max-num-seqs 16 --full-sequences 64 --arms g,h   # async output?
     python jobs/benchmark.py --device cuda                       # GPU: the LLaVA-1.5-7B shape, bf16
 
 The model has random weights (throughput needs no trained ones) unless `--model` names a local
 checkpoint or "demo". KV budgets are given as the number of full-cache sequences each holds
 (`--full-sequences 2,4,8`: a sweep) or in bytes (`--kv-budget-bytes`). Arms: a generate(), b engine
-full, c elastic 0.5, d elastic 0.2, e full compiled, f elastic 0.2 compiled. Writes OUT/benchmark.json
-and prints a Markdown table.
+full, c elastic 0.5, d elastic 0.2, e full compiled, f elastic 0.2 compiled; g and h are d with async
+output on and off (`EngineConfig.async_output`; b-f take the device's default). Writes
+OUT/benchmark.json and prints a Markdown table.
 """
 
 import argparse
@@ -36,7 +38,7 @@ def main() -> None:
                         help="KV budgets: room for this many full-cache sequences, comma-separated (default 4)")
     budget.add_argument("--kv-budget-bytes", type=int, help="one KV budget in bytes")
     parser.add_argument("--max-num-seqs", type=int, default=None, help="cap on every engine's slots")
-    parser.add_argument("--arms", default=None, help="which arms, by letter (default: all on CPU, a,e,f on GPU)")
+    parser.add_argument("--arms", default=None, help="which arms, by letter (default: a-f on CPU, a,e,f on GPU)")
     parser.add_argument("--rounds", type=int, help="interleaved rounds (default 3 on CPU, 1 on GPU)")
     parser.add_argument("--dtype", default=None,
                         help="float32, bfloat16, float16 (default: float32 on CPU, bfloat16 on GPU)")

@@ -17,7 +17,7 @@ def test_every_arm_runs_the_same_work_within_each_budget_of_the_sweep(tiny_llava
     budgets = [2 * per_sequence, 3 * per_sequence]
     lines = []
     result = run_benchmark(model, processor, num_requests=10, max_tokens=6, kv_budgets=budgets, rounds=2, warmup=1,
-                           arms=[a for a in ARMS if not a.compile], log=lines.append)
+                           arms=[a for a in ARMS if a.key in "abcd"], log=lines.append)
     assert result["kv_budgets"] == budgets and result["device"].startswith("cpu") and result["rounds"] == 2
     arms = result["arms"]
     assert len(lines) == 2 * len(arms) == 2 * 4 * len(budgets)  # every (arm, budget) once per round

@@ -83,9 +83,10 @@ def counting_syncs(engine: Engine):
         torch.tensor, engine.runner.forward = original_tensor, original_forward
 
 
-def busy_engine(model, method, budget, options, images, n=4, max_tokens=24, slots=None):
+def busy_engine(model, method, budget, options, images, n=4, max_tokens=24, slots=None, async_output=False):
     """An engine (n slots unless said) holding n requests of different lengths and sampling settings, prefilled."""
-    engine = Engine(*model, CacheConfig(method, budget, **options).policy, EngineConfig(max_num_seqs=slots or n))
+    engine = Engine(*model, CacheConfig(method, budget, **options).policy,
+                    EngineConfig(max_num_seqs=slots or n, async_output=async_output))
     for i in range(n):
         sampling = SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=0.7 * (i % 2), top_p=0.9,
                                   seed=i if i == 1 else None)
@@ -95,20 +96,21 @@ def busy_engine(model, method, budget, options, images, n=4, max_tokens=24, slot
     return engine
 
 
+@pytest.mark.parametrize("async_output", [False, True], ids=["sync-output", "async-output"])
 @pytest.mark.parametrize("method,budget,options", METHODS)
 def test_a_decode_step_syncs_nothing_inside_the_forward_and_reads_back_only_the_tokens(
-    method, budget, options, tiny_vlm, images
+    method, budget, options, async_output, tiny_vlm, images
 ):
     if options.get("positions") == "compact" and tiny_vlm[0].config.model_type != "llava":
         pytest.skip("M-RoPE models rotate at the original positions only")
-    engine = busy_engine(tiny_vlm, method, budget, options, images)
+    engine = busy_engine(tiny_vlm, method, budget, options, images, async_output=async_output)
     steps = 12  # long enough for every method to evict
     with counting_syncs(engine) as counter:
         for _ in range(steps):
             engine.step()
     assert engine.steps["decode"] == steps
     assert counter.count("forward") == 0, counter.hits
-    assert counter.hits == Counter({("step", "tolist", "runner.py:" + str(_tolist_line())): steps}), counter.hits
+    assert counter.hits == Counter({("step", "tolist", "readback.py:" + str(_tolist_line())): steps}), counter.hits
 
 
 def test_teacher_forcing_reads_back_tokens_and_log_probabilities_in_one_transfer(tiny_llava, images):
@@ -122,13 +124,13 @@ def test_teacher_forcing_reads_back_tokens_and_log_probabilities_in_one_transfer
 
 
 def _tolist_line() -> int:
-    """The line of the runner's one device-to-host read of the tokens."""
+    """The line of the one read of a step's tokens (without log-probabilities) on the host."""
     import inspect
 
-    from elastic_ray.engine import runner
+    from elastic_ray.engine import readback
 
-    lines, start = inspect.getsourcelines(runner.ModelRunner.sample)
-    return start + next(i for i, line in enumerate(lines) if "return tokens.tolist()" in line)
+    lines, start = inspect.getsourcelines(readback.Copy.read)
+    return start + next(i for i, line in enumerate(lines) if "self.values[0].tolist()" in line)
 
 
 def run_compiled(model, cache: CacheConfig, images, backend, monkeypatch):

@@ -2,12 +2,14 @@
 
 import itertools
 import os
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from elastic_ray.config import EngineConfig, SamplingParams
 from elastic_ray.engine.detokenizer import IncrementalText
+from elastic_ray.engine.readback import Copy
 from elastic_ray.engine.runner import ModelRunner
 from elastic_ray.engine.sampler import Sampler
 from elastic_ray.engine.scheduler import Scheduler
@@ -26,6 +28,13 @@ def default_compile(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
+def default_async_output(device: torch.device) -> bool:
+    """Whether outputs lag a step when `EngineConfig.async_output` is None: on CUDA, where kernels run
+    while the host goes on, so the host's work on step N's tokens overlaps step N+1; not on the CPU,
+    whose kernels run on the host thread itself, leaving nothing to overlap (see the README's Performance section)."""
+    return device.type == "cuda"
+
+
 def free_memory(device: torch.device) -> int:
     """Bytes free on the device now: CUDA's free memory, or the host's available memory."""
     if device.type == "cuda":
@@ -33,12 +42,37 @@ def free_memory(device: torch.device) -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
+@dataclass
+class Group:
+    """Sequences sampled together: row i of `copy` is `seqs[i]`'s token, whatever slot moves
+    happen before it is read; `kv_entries[i]`: what its slot held after the step."""
+
+    seqs: list[Sequence]
+    copy: Copy
+    kv_entries: list[int]
+
+
+@dataclass
+class Launch:
+    """A step launched on the device whose outputs are still to be made: its sampled groups, and
+    the sequences whose prefill failed (with their error outputs)."""
+
+    groups: list[Group]
+    failed: list[tuple[Sequence, RequestOutput]]
+
+
 class Engine:
     """One model, one cache method, `num_slots` sequences in flight.
 
     Each `step()` either prefills newly admitted requests (prefill first, as nano-vllm does) or
-    decodes one token for every running sequence, then retires the finished ones so their
-    slots are refilled at the next step.
+    decodes one token for every running sequence, then reads sampled tokens back, makes the
+    outputs and retires the finished sequences so their slots are refilled at the next step.
+
+    With async output the read is of the step before, one step behind the device: a sequence that
+    ended there (EOS, a stop string) was still fed to the step just launched, whose extra token is
+    discarded; one whose last token was drawn (max_tokens) leaves its slot before the next launch,
+    as the host knows it in advance. Each sequence's row in a step is the one it had at launch; slot
+    moves come later in stream order.
     """
 
     def __init__(self, model: nn.Module, processor, policy: CachePolicy, config: EngineConfig | None = None):
@@ -70,6 +104,8 @@ class Engine:
                         self.family.head_dim, param.dtype, param.device, with_scores=policy.decode_scores)
         sampler = Sampler(num_slots, config.max_tokens, param.device)
         self.compiled = default_compile(param.device) if config.compile is None else config.compile
+        self.async_output = default_async_output(param.device) if config.async_output is None else config.async_output
+        self._in_flight: Launch | None = None  # with async output: the step launched, not yet read
         self.runner = ModelRunner(model, self.family, policy, slots, sampler, self.tokenizer.pad_token_id,
                                   self.compiled)
         self.scheduler = Scheduler(num_slots, config.max_prefill_tokens)
@@ -130,32 +166,48 @@ class Engine:
         return request_id
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self._in_flight is not None
 
     def abort(self, request_id) -> bool:
         """Drop an unfinished request between steps: a waiting one leaves the queue, a running one
-        frees its slot for the next step. Returns whether the request was there."""
-        seq = self.scheduler.abort(request_id)
+        frees its slot for the next step, and no output of it comes any more. Returns whether the
+        request was there."""
+        seq = self.scheduler.abort(request_id) or self._owed(request_id)
         if seq is None:
             return False
+        seq.ended = True
         if seq.slot >= 0:  # running: free its slot now
             self._retire([seq])
         self.aborted += 1
         return True
 
+    def _owed(self, request_id) -> Sequence | None:
+        """The sequence of `request_id` if the step in flight owes its output but it holds no slot any
+        more: a failed prefill, whose error output comes one step later with async output."""
+        failed = self._in_flight.failed if self._in_flight else []
+        return next((seq for seq, _ in failed if seq.request_id == request_id and not seq.ended), None)
+
     def step(self) -> list[RequestOutput]:
-        """Advance every running request by one token; returns their outputs (finished ones included)."""
+        """Launch one step (a prefill of newly admitted requests, else a decode of the running ones),
+        then turn a launched step's tokens into outputs: this step's, or with `async_output` the step
+        before's, so that the host works on step N while the device computes step N+1."""
+        # a sequence whose last token is drawn ends, known on the host before that token is read
+        self._retire([seq for seq in self.scheduler.running if seq.drawn == seq.sampling.max_tokens])
+        launched = self._launch()
+        if self.async_output:
+            launched, self._in_flight = self._in_flight, launched
+        return self._collect(launched) if launched else []
+
+    def _launch(self) -> Launch | None:
+        self.runner.readback.flip()  # the step before's copy may not have been read yet
         admitted = self.scheduler.admit()
         if admitted:
-            outputs = self._prefill(admitted)
-        elif self.scheduler.running:
-            outputs = self._decode(self.scheduler.running)
-        else:
-            return []
-        self._retire([seq for seq, output in outputs if output.finished])
-        return [output for _, output in outputs]
+            return self._prefill(admitted)
+        if self.scheduler.running:
+            return self._decode(list(self.scheduler.running))
+        return None
 
-    def _prefill(self, admitted: list[Sequence]) -> list[tuple[Sequence, RequestOutput]]:
+    def _prefill(self, admitted: list[Sequence]) -> Launch:
         """Prefill the admitted sequences together; if that fails, each alone, so a request that
         cannot be prefilled (or compressed) fails by itself with finish_reason "error"."""
         self.steps["prefill"] += 1
@@ -168,15 +220,12 @@ class Engine:
                     groups.append(([seq], self.runner.prefill([seq])))
                 except Exception as error:
                     failed.append((seq, _failure(seq, error)))
+        self._retire([seq for seq, _ in failed])
         stored = sum(s.kv_entries for s in self.scheduler.running)
         self.peak_kv_bytes = max(self.peak_kv_bytes, stored * self.entry_bytes)
-        outputs = []
-        for seqs, logits in groups:
-            tokens, logprobs = self.runner.sample(logits, seqs[0].slot, seqs)
-            outputs += self._outputs(seqs, tokens, logprobs)
-        return outputs + failed
+        return Launch([self._sample(seqs, logits) for seqs, logits in groups], failed)
 
-    def _decode(self, seqs: list[Sequence]) -> list[tuple[Sequence, RequestOutput]]:
+    def _decode(self, seqs: list[Sequence]) -> Launch:
         """One token for every running sequence (seqs[i] owns slot i)."""
         stored = sum(s.kv_entries for s in seqs) + len(seqs)  # the new entries, before any eviction
         self.peak_kv_bytes = max(self.peak_kv_bytes, stored * self.entry_bytes)
@@ -185,20 +234,38 @@ class Engine:
             seq.token_fed(self.policy)
         self.steps["decode"] += 1
         self.busy_slot_steps += len(seqs)
-        tokens, logprobs = self.runner.sample(logits, 0, seqs)
-        return self._outputs(seqs, tokens, logprobs)
+        return Launch([self._sample(seqs, logits)], [])
 
-    def _outputs(self, seqs: list[Sequence], tokens: list[int], logprobs: list[float] | None):
-        outputs = []
-        for row, (seq, token) in enumerate(zip(seqs, tokens)):
-            try:
-                outputs.append((seq, self._advance(seq, token, None if logprobs is None else logprobs[row])))
-            except Exception as error:  # e.g. the tokenizer failing on this sequence's text
-                outputs.append((seq, _failure(seq, error)))
-        return outputs
+    def _sample(self, seqs: list[Sequence], logits) -> Group:
+        copy = self.runner.sample(logits, seqs[0].slot, seqs)
+        for seq in seqs:
+            seq.drawn += 1
+        return Group(seqs, copy, [s.kv_entries for s in seqs])
 
-    def _advance(self, seq: Sequence, token: int, logprob: float | None) -> RequestOutput:
-        """Append a sampled token; the request's output, finished if EOS, a stop string or its length says so."""
+    def _collect(self, launch: Launch) -> list[RequestOutput]:
+        """A launched step's outputs: its tokens read back and appended; the finished sequences end
+        and leave their slots. A row whose sequence had already ended was computed for nothing."""
+        outputs = [(seq, output) for seq, output in launch.failed if not seq.ended]
+        for group in launch.groups:
+            tokens, logprobs = group.copy.read()
+            for row, seq in enumerate(group.seqs):
+                if seq.ended:
+                    continue
+                try:
+                    output = self._advance(seq, tokens[row], None if logprobs is None else logprobs[row],
+                                           group.kv_entries[row])
+                except Exception as error:  # e.g. the tokenizer failing on this sequence's text
+                    output = _failure(seq, error)
+                outputs.append((seq, output))
+        finished = [seq for seq, output in outputs if output.finished]
+        for seq in finished:
+            seq.ended = True
+        self._retire([seq for seq in finished if seq.slot >= 0])
+        return [output for _, output in outputs]
+
+    def _advance(self, seq: Sequence, token: int, logprob: float | None, kv_entries: int) -> RequestOutput:
+        """Append a sampled token; the request's output, finished if EOS, a stop string or its length
+        says so. `kv_entries`: what its slot held once the token's step had run."""
         seq.generated.append(token)
         if seq.forced is not None:
             seq.logprobs.append(logprob)
@@ -207,18 +274,18 @@ class Engine:
         if token in seq.eos or seq.text.completed(sampling.stop) or len(seq.generated) >= sampling.max_tokens:
             token_ids, final, reason = finish(self.tokenizer, seq.generated, sampling, seq.eos)  # exact, once
             if reason is not None:
-                return RequestOutput(seq.request_id, final, token_ids, reason, self._stats(seq, token_ids))
+                return RequestOutput(seq.request_id, final, token_ids, reason, self._stats(seq, token_ids, kv_entries))
         return RequestOutput(seq.request_id, text.strip(), list(seq.generated), None)
 
-    def _stats(self, seq: Sequence, token_ids: list[int]) -> dict:
+    def _stats(self, seq: Sequence, token_ids: list[int], kv_entries: int) -> dict:
         fed = len(token_ids) - 1  # the last generated token is never fed back
         layers = len(self.family.attentions)
         stats = {
             "prompt_tokens": seq.prompt_tokens,
             "output_tokens": len(token_ids),
             "kv_entries_prompt": [seq.kv_entries_prompt] * layers,
-            "kv_entries": [seq.kv_entries] * layers,
-            "kv_bytes": seq.kv_entries * self.entry_bytes,
+            "kv_entries": [kv_entries] * layers,
+            "kv_bytes": kv_entries * self.entry_bytes,
             "kv_bytes_full": (seq.prompt_tokens + fed) * self.entry_bytes,
             "slot_bytes": self.slot_size * self.entry_bytes,
             "method": self.policy.name,

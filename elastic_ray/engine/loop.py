@@ -208,13 +208,13 @@ class EngineLoop:
         return True
 
     def _step(self, cache: CacheConfig, engine: Engine) -> None:
-        decodes, start = engine.steps["decode"], time.perf_counter()
+        decodes, busy, start = engine.steps["decode"], engine.busy_slot_steps, time.perf_counter()
         outputs = engine.step()
         with self._lock:
             self._stats.step_s += time.perf_counter() - start
-            if engine.steps["decode"] > decodes:  # a decode step returns one output per running sequence
+            if engine.steps["decode"] > decodes:
                 self._stats.decode_steps += 1
-                self._stats.busy_slots += len(outputs)
+                self._stats.busy_slots += engine.busy_slot_steps - busy
                 self._stats.slots += engine.num_slots
         for output in outputs:
             key = (cache, output.request_id)

@@ -5,13 +5,15 @@ Both are one plain `model(...)` call. The text decoder's attention is the engine
 `PrefillBatch` or `DecodeBatch` passed under `attention.KEYWORD`, and does the KV writes,
 compression and eviction there. A decode step's tensor shapes depend only on its batch bucket and
 width, and it reads nothing back to the host: tokens come from `last_token`, positions from
-`next_position`, both on the device.
+`next_position`, both on the device; the sampled tokens travel to the host on their own
+(`engine/readback.py`).
 """
 
 import torch
 from torch import Tensor, nn
 
 from elastic_ray.engine.attention import KEYWORD, DecodeBatch, PrefillBatch, install, prompt_mask
+from elastic_ray.engine.readback import Copy, Readback
 from elastic_ray.engine.sampler import Sampler
 from elastic_ray.engine.sequence import Sequence
 from elastic_ray.engine.slots import KVSlots
@@ -59,6 +61,7 @@ class ModelRunner:
                                           device=self.device)
         self.last_token = torch.zeros(num_slots, dtype=torch.long, device=self.device)
         self.busy = torch.zeros(num_slots, dtype=torch.bool, device=self.device)
+        self.readback = Readback(num_slots, self.device)
         # A 4-D attention mask is taken as given, so transformers builds none: the backend masks per layer.
         self.no_mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=self.device)
         self.compiled = compile
@@ -125,15 +128,12 @@ class ModelRunner:
         self.next_position[:bucket] += active[:, None]
         return logits[:, -1]
 
-    def sample(self, logits: Tensor, first: int, seqs: list[Sequence]) -> tuple[list[int], list[float] | None]:
+    def sample(self, logits: Tensor, first: int, seqs: list[Sequence]) -> Copy:
         """Draw the next token of the sequences in slots [first, first + n), keep it on the device as
-        their next input, and bring it to the host: the step's one device-to-host transfer."""
+        their next input, and start its copy to the host (the step's one device-to-host transfer)."""
         tokens, logprobs = self.sampler.sample(logits, first, seqs)
         self.last_token[first : first + len(seqs)] = tokens
-        if logprobs is None:
-            return tokens.tolist(), None
-        both = torch.stack([tokens.double(), logprobs.double()]).tolist()  # ids < 2^53 are exact in float64
-        return [int(t) for t in both[0]], both[1]
+        return self.readback.start(first, tokens, logprobs)
 
     def move(self, source: int, target: int) -> None:
         self.slots.move(source, target)

@@ -24,6 +24,10 @@ class Sequence:
     The KV counts mirror, on the host, what the device's slot holds for it (the same §10
     arithmetic, so reading them costs no sync): `kv_entries` stored, `kv_columns` in use (one more
     while the column of the last eviction waits for the next entry).
+
+    `drawn` counts the tokens sampled on the device, `generated` those read back on the host: with
+    async output the host is a step behind. `ended`: its finished output went out, or it was
+    aborted; a token still drawn for it (in the step launched before the host knew) is discarded.
     """
 
     request_id: int | str
@@ -33,6 +37,8 @@ class Sequence:
     status: Status = Status.WAITING
     slot: int = -1
     generated: list[int] = field(default_factory=list)
+    drawn: int = 0
+    ended: bool = False
     kv_entries_prompt: int = 0
     kv_entries: int = 0
     kv_columns: int = 0
@@ -54,6 +60,6 @@ class Sequence:
         """One decode step fed this sequence's last token: its entry is written, then maybe one evicted."""
         self.kv_columns = self.columns_next_step()
         self.kv_entries += 1
-        seen = self.prompt_tokens + len(self.generated)  # the token just fed included
+        seen = self.prompt_tokens + self.drawn  # the token just fed included
         if policy.evicts and over_budget(self.kv_entries, seen, policy.budget):
             self.kv_entries -= 1
