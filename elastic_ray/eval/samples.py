@@ -19,11 +19,11 @@ class Sample:
     kind: str  # "caption", "vqa", or "reference" for a data set with no task scorer
 
 
-def shapes_samples(n: int, seed: int = 0) -> list[Sample]:
-    """`n` test-split scenes, each as a caption sample and as one of its questions."""
+def shapes_samples(n: int, seed: int = 0, split: str = "test") -> list[Sample]:
+    """`n` scenes of a split (the test split by default), each as a caption sample and as one of its questions."""
     rng = random.Random(seed)
     samples = []
-    for i, scene in enumerate(make_scenes(n, seed=seed, split="test")):
+    for i, scene in enumerate(make_scenes(n, seed=seed, split=split)):
         question, answer = rng.choice(scene.qa)
         samples.append(Sample(f"{i}-caption", scene.image, CAPTION_INSTRUCTION, scene.caption, "caption"))
         samples.append(Sample(f"{i}-vqa", scene.image, question, answer, "vqa"))
