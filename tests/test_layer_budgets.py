@@ -9,10 +9,12 @@ import pytest
 from conftest import encode
 from elastic_ray import CacheConfig, EngineConfig, SamplingParams
 from elastic_ray.engine.engine import Engine
+from elastic_ray.eval.layer_calibration import calibration_record, retention_curves
+from elastic_ray.eval.samples import shapes_samples
 from elastic_ray.hf.generate import generate_compressed
 from elastic_ray.hf.static import StaticBatchGenerator
 from elastic_ray.kv import make_policy
-from elastic_ray.kv.budget import EPS
+from elastic_ray.kv.layers import load_calibration, solve_split
 from test_engine import MAX_TOKENS, requests, run_streaming
 
 SPLIT = (0.3, 0.7)  # the tiny models have 2 layers; mean 0.5
@@ -160,3 +162,22 @@ def test_bad_calibration_files_are_refused_with_the_reason(tmp_path, tiny_llava,
         Engine(*tiny_llava, three, EngineConfig(max_num_seqs=1))
     with pytest.raises(ValueError, match="layer_budgets has 3 ratios but the model has 2 layers"):
         generate_compressed(tiny_llava[0], encode(tiny_llava, images), three, max_new_tokens=2)
+
+
+@pytest.mark.parametrize("method", ["elastic-vl", "h2o"])
+def test_calibration_measures_each_layers_retention_and_its_file_round_trips(method, tiny_llava, tmp_path):
+    model, processor = tiny_llava
+    policy = make_policy(method, 0.5)
+    samples = shapes_samples(2, seed=0, split="train")
+    curves = retention_curves(model, processor, policy, samples, grid=(0.1, 0.3, 0.6, 1.0))
+    assert len(curves) == 2
+    for curve in curves:  # a share of the mass, growing with the ratio, all of it when nothing is dropped
+        assert 0 < curve[0] < curve[2] < 1.0 and curve[-1] == pytest.approx(1.0)
+    record = calibration_record("tiny", policy, {}, samples, curves, grid=(0.1, 0.3, 0.6, 1.0))
+    path = tmp_path / f"tiny-{method}.json"
+    path.write_text(json.dumps(record))
+    assert load_calibration(str(path), method) == record
+    split = make_policy(method, 0.5, layer_budgets=str(path)).layer_budgets
+    assert split == solve_split(record, 0.5) and sum(split) / 2 == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="scores no prompt entries"):
+        retention_curves(model, processor, make_policy("streaming", 0.5), samples)

@@ -22,13 +22,18 @@ MAX_LAYERS = 1024
 CALIBRATION_VERSION = 1
 
 
+def names_a_file(value) -> bool:
+    """Whether a `layer_budgets` value is a calibration file (read from disk) rather than ratios."""
+    return isinstance(value, str) and value.strip().endswith(".json")
+
+
 def resolve_layer_budgets(value, budget: float, method: str) -> tuple[float, ...] | None:
     """The per-layer ratios an option value gives at `budget`; None for the uniform split.
     Raises ValueError naming what is wrong."""
     if value is None:
         return None
-    if isinstance(value, str) and value.strip().endswith(".json"):
-        ratios = solve_split(load_calibration(value, method), budget)
+    if names_a_file(value):
+        ratios = solve_split(load_calibration(value.strip(), method), budget)
     else:
         ratios = _ratios(value)
         mean = sum(ratios) / len(ratios)
