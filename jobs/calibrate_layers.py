@@ -25,6 +25,9 @@ def parse_args(argv=None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
                                                                "elastic-vl or h2o")
     parser.add_argument("--cache-option", action="append", default=[], type=parse_cache_option, metavar="KEY=VALUE",
                         help="an option of the method (repeatable), as jobs/caption.py takes it")
+    parser.add_argument("--criterion", choices=["mass", "output"], default="mass",
+                        help="retention as the attention mass kept, or 1 - the attention output's relative error "
+                             "(elastic_ray/eval/layer_calibration.py)")
     parser.add_argument("--samples", type=int, default=16, help="training-split scenes (each two prompts)")
     parser.add_argument("--seed", type=int, default=0, help="the training scene stream")
     parser.add_argument("--device", default=None, help="default: cuda when available, else the CPU")
@@ -55,9 +58,9 @@ def main(argv=None) -> None:
     model, processor = load(args.model, device=args.device or ("cuda" if torch.cuda.is_available() else None))
     samples = shapes_samples(args.samples, seed=args.seed, split="train")
     start = time.perf_counter()
-    curves = retention_curves(model, processor, policy, samples)
-    record = calibration_record(args.model, policy, options, samples, curves, data="shapes (train split)",
-                                seed=args.seed, seconds=round(time.perf_counter() - start, 1))
+    curves = retention_curves(model, processor, policy, samples, criterion=args.criterion)
+    record = calibration_record(args.model, policy, options, samples, curves, criterion=args.criterion,
+                                data="shapes (train split)", seed=args.seed, seconds=round(time.perf_counter() - start, 1))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=1) + "\n")

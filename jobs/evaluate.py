@@ -43,10 +43,12 @@ PRESETS = {
         "threads": 1,
         "workers": 2,
     },
-    # The README's per-layer budgets: elastic-vl and H2O, uniform against the split calibrated for
-    # the model by jobs/calibrate_layers.py (the file named below; calibrate another model first).
+    # The README's per-layer budgets: elastic-vl and H2O, uniform against the splits calibrated for
+    # the model by jobs/calibrate_layers.py with each criterion (the files named below, MODEL-METHOD.json
+    # for "mass", MODEL-METHOD-output.json for "output"; calibrate another model first).
     "layers": {
-        "methods": ",".join(f"{method},{method} layer_budgets={LAYER_BUDGETS}/{{model}}-{method}.json"
+        "methods": ",".join(f"{method},{method} layer_budgets={LAYER_BUDGETS}/{{model}}-{method}.json,"
+                            f"{method} layer_budgets={LAYER_BUDGETS}/{{model}}-{method}-output.json"
                             for method in ("elastic-vl", "h2o")),
         "budgets": [0.2, 0.3, 0.5, 0.7],
         "samples": 40,

@@ -2,6 +2,9 @@
 the mean of the b_l is the budget, and the engine still equals generate() request by request."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy
 import pytest
@@ -17,6 +20,7 @@ from elastic_ray.kv import make_policy
 from elastic_ray.kv.layers import load_calibration, solve_split
 from test_engine import MAX_TOKENS, requests, run_streaming
 
+REPO = Path(__file__).parents[1]
 SPLIT = (0.3, 0.7)  # the tiny models have 2 layers; mean 0.5
 METHODS = [
     ("elastic", {}),
@@ -77,7 +81,8 @@ def test_each_layer_keeps_the_counts_of_spec_10_at_its_own_ratio(method, options
     sizes = engine.slot_sizes
     assert sizes == [policy.for_layer(layer).peak_entries(60, steps) for layer in range(2)] and sizes[0] < sizes[1]
     for out in outputs:
-        want = [reference_counts(out.stats["prompt_tokens"], steps - 1, ratio, policy.reserved)[0][-1] for ratio in SPLIT]
+        want = [reference_counts(out.stats["prompt_tokens"], steps - 1, ratio, policy.reserved)[0][-1]
+                for ratio in SPLIT]
         assert out.stats["kv_entries"] == want
         assert out.stats["kv_bytes"] == sum(want) * engine.entry_bytes // 2
 
@@ -119,7 +124,8 @@ def test_a_calibration_gives_every_layer_the_same_retention_at_mean_ratio_budget
         assert sum(split) / 3 == pytest.approx(budget, abs=1e-9)
         assert split[0] < budget < split[1] == split[2] <= 1.0
         # the retention each layer reaches at its ratio, read off its curve: the same level
-        levels = [numpy.interp(ratio, (0.25, 0.5, 0.75, 1.0), curve) for ratio, curve in zip(split, (concentrated, spread))]
+        levels = [numpy.interp(ratio, (0.25, 0.5, 0.75, 1.0), curve)
+                  for ratio, curve in zip(split, (concentrated, spread))]
         if split[0] > 0.25:
             assert levels[0] == pytest.approx(levels[1], abs=1e-6)
         else:  # clamped at the grid's first ratio: it keeps at least the level there
@@ -164,16 +170,18 @@ def test_bad_calibration_files_are_refused_with_the_reason(tmp_path, tiny_llava,
         generate_compressed(tiny_llava[0], encode(tiny_llava, images), three, max_new_tokens=2)
 
 
+@pytest.mark.parametrize("criterion", ["mass", "output"])
 @pytest.mark.parametrize("method", ["elastic-vl", "h2o"])
-def test_calibration_measures_each_layers_retention_and_its_file_round_trips(method, tiny_llava, tmp_path):
+def test_calibration_measures_each_layers_retention_and_its_file_round_trips(method, criterion, tiny_llava, tmp_path):
     model, processor = tiny_llava
     policy = make_policy(method, 0.5)
     samples = shapes_samples(2, seed=0, split="train")
-    curves = retention_curves(model, processor, policy, samples, grid=(0.1, 0.3, 0.6, 1.0))
+    curves = retention_curves(model, processor, policy, samples, grid=(0.1, 0.3, 0.6, 1.0), criterion=criterion)
     assert len(curves) == 2
-    for curve in curves:  # a share of the mass, growing with the ratio, all of it when nothing is dropped
-        assert 0 < curve[0] < curve[2] < 1.0 and curve[-1] == pytest.approx(1.0)
-    record = calibration_record("tiny", policy, {}, samples, curves, grid=(0.1, 0.3, 0.6, 1.0))
+    for curve in curves:  # a share, growing with the ratio, all of it when nothing is dropped
+        assert 0 <= curve[0] < curve[2] < 1.0 and curve[-1] == pytest.approx(1.0, abs=1e-5)
+    record = calibration_record("tiny", policy, {}, samples, curves, grid=(0.1, 0.3, 0.6, 1.0), criterion=criterion)
+    assert record["criterion"].startswith(criterion)
     path = tmp_path / f"tiny-{method}.json"
     path.write_text(json.dumps(record))
     assert load_calibration(str(path), method) == record
@@ -181,3 +189,22 @@ def test_calibration_measures_each_layers_retention_and_its_file_round_trips(met
     assert split == solve_split(record, 0.5) and sum(split) / 2 == pytest.approx(0.5)
     with pytest.raises(ValueError, match="scores no prompt entries"):
         retention_curves(model, processor, make_policy("streaming", 0.5), samples)
+    with pytest.raises(ValueError, match="criterion must be one of"):
+        retention_curves(model, processor, policy, samples, criterion="loss")
+
+
+@pytest.mark.slow
+def test_the_calibration_job_writes_a_file_the_policy_loads_and_refuses_what_it_cannot_calibrate(tmp_path):
+    out = tmp_path / "demo-h2o.json"
+    job = [sys.executable, "jobs/calibrate_layers.py", "--model", "demo", "--samples", "1", "--out", str(out)]
+    result = subprocess.run([*job, "--method", "h2o"], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    record = load_calibration(str(out), "h2o")
+    assert record["layers"] == 3 and record["samples"] == 2 and record["data"] == "shapes (train split)"
+    split = make_policy("h2o", 0.3, layer_budgets=str(out)).layer_budgets
+    assert f"budget 0.3: {' '.join(f'{b:.3f}' for b in split)}" in result.stdout
+    for args, message in [(["--method", "streaming"], "streaming cannot be calibrated"),
+                          (["--samples", "0"], "--samples must be at least 1"),
+                          (["--cache-option", "recent_ratio=2", "--method", "h2o"], "recent_ratio must be in [0, 1)")]:
+        refused = subprocess.run([*job, *args], capture_output=True, text=True, cwd=REPO, timeout=120)
+        assert refused.returncode == 2 and message in refused.stderr, refused.stderr
