@@ -218,7 +218,7 @@ def run_engine(engine: Engine, requests, max_tokens: int, clock: Clock) -> dict:
             engine.add_request(request, sampling)
         while engine.has_unfinished():
             busy, before = len(engine.scheduler.running), engine.steps["decode"]
-            stored = sum(s.kv_entries for s in engine.scheduler.running) * engine.entry_bytes
+            stored = engine.kv_bytes(sum(sum(s.kv_entries) for s in engine.scheduler.running))
             start = clock.now()
             outputs = engine.step()
             seconds = clock.now() - start
@@ -234,7 +234,7 @@ def run_engine(engine: Engine, requests, max_tokens: int, clock: Clock) -> dict:
     steps = max(decode["steps"], 1)
     result = {
         "generated_tokens": generated, "slots": engine.num_slots,
-        "kv_bytes_per_seq": engine.slot_size * engine.entry_bytes, "peak_kv_bytes": engine.peak_kv_bytes,
+        "kv_bytes_per_seq": engine.slot_bytes, "peak_kv_bytes": engine.peak_kv_bytes,
         "kv_allocated_bytes": engine.kv_allocated_bytes, "prefill_steps": engine.steps["prefill"] - prefills,
         "decode_steps": decode["steps"], "decode_tokens": decode["tokens"], "decode_s": decode["s"],
         "mean_busy_slots": decode["tokens"] / steps, "full_decode_steps": len(full_steps),

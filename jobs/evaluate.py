@@ -2,6 +2,7 @@
 
     python jobs/evaluate.py --preset readme          # the README's numbers: demo model, 2 seeds, ablations
     python jobs/evaluate.py --preset readme --model PATH        # the same sweep on another model
+    python jobs/evaluate.py --preset layers          # per-layer budgets against the uniform split
     python jobs/evaluate.py --methods "full,elastic,h2o recent_ratio=0" --budgets 0.2,0.5 --samples 20
     python jobs/evaluate.py --model /models/llava-1.5-7b-hf --data desc.parquet --samples 200 --ray
 
@@ -21,6 +22,7 @@ from pathlib import Path
 # parse, so that --help and a bad argument answer at once.
 
 PRESET_METHOD = "elastic-vl"
+LAYER_BUDGETS = "elastic_ray/eval/layer_budgets"  # calibration files, MODEL-METHOD.json
 PRESETS = {
     # The README's Evaluation section: each method and the paper's H2O at the budgets issue 17's
     # targets name; then at 0.2 and 0.5 each option of elastic-vl alone on the published method,
@@ -41,6 +43,20 @@ PRESETS = {
         "threads": 1,
         "workers": 2,
     },
+    # The README's per-layer budgets: elastic-vl and H2O, uniform against the splits calibrated for
+    # the model by jobs/calibrate_layers.py with each criterion (the files named below, MODEL-METHOD.json
+    # for "mass", MODEL-METHOD-output.json for "output"; calibrate another model first).
+    "layers": {
+        "methods": ",".join(f"{method},{method} layer_budgets={LAYER_BUDGETS}/{{model}}-{method}.json,"
+                            f"{method} layer_budgets={LAYER_BUDGETS}/{{model}}-{method}-output.json"
+                            for method in ("elastic-vl", "h2o")),
+        "budgets": [0.2, 0.3, 0.5, 0.7],
+        "samples": 40,
+        "seeds": [0, 1],
+        "threads": 1,
+        "workers": 2,
+        "folder": "elastic_ray/eval/layer_results",
+    },
 }
 
 
@@ -56,7 +72,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS),
                         help="a named sweep (flags given as well override it); 'readme' writes to "
-                             "elastic_ray/eval/demo_results (under it, a folder per model other than demo)")
+                             "elastic_ray/eval/demo_results, 'layers' to elastic_ray/eval/layer_results (under "
+                             "them, a folder per model other than demo)")
     parser.add_argument("--model", default="demo", help="'demo', 'demo-v2', a local path or a hub id")
     parser.add_argument("--scenes", choices=["demo", "demo-v2"], default=None,
                         help="which demo model's test scenes the shapes samples are (demo-v2: a caption, a "
@@ -95,14 +112,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     if preset:
         parser.set_defaults(**{k: v for k, v in PRESETS[preset].items()})
     args = parser.parse_args(argv)
+    model_name = args.model if args.model == "demo" else Path(args.model).name
+    args.methods = args.methods.replace("{model}", model_name)  # a preset's calibration files
     args.methods, args.ablations = _variants(parser, args.methods), _variants(parser, args.ablations)
     if any(not 0 < b <= 1 for b in args.budgets + (args.ablation_budgets or [])):
         parser.error(f"budgets must be in (0, 1], got {args.budgets}")
     args.scenes = args.scenes or (args.model if args.model in ("demo", "demo-v2") else "demo")
     args.max_tokens = args.max_tokens or (128 if args.scenes == "demo-v2" and not args.data else 48)
     if args.out is None:
-        results = Path("elastic_ray/eval/demo_results")
-        args.out = str(results if args.model == "demo" else results / Path(args.model).name) if preset else "out/eval"
+        results = Path(getattr(args, "folder", "elastic_ray/eval/demo_results"))
+        args.out = str(results if args.model == "demo" else results / model_name) if preset else "out/eval"
     return args
 
 

@@ -73,11 +73,12 @@ def test_slots_follow_from_the_memory_budget_and_compression_buys_more_of_them(t
     config = EngineConfig(kv_cache_memory=memory, max_num_seqs=1000, max_prompt_tokens=120, max_tokens=40)
     engines = {b: Engine(*tiny_llava, CacheConfig("elastic", b).policy, config) for b in (1.0, 0.5, 0.2)}
     for budget, engine in engines.items():
-        assert engine.slot_size == engine.policy.peak_entries(120, 40)
-        slot_bytes = engine.slot_size * engine.entry_bytes
+        assert engine.slot_sizes == [engine.policy.peak_entries(120, 40)] * 2
+        slot_bytes = engine.slot_sizes[0] * engine.entry_bytes
+        assert engine.slot_bytes == slot_bytes
         assert engine.num_slots == memory // slot_bytes
         assert engine.kv_allocated_bytes == engine.num_slots * slot_bytes <= memory
-    assert engines[1.0].slot_size == 160
+    assert engines[1.0].slot_sizes == [160, 160]
     assert engines[0.2].num_slots >= 4 * engines[1.0].num_slots
     assert engines[0.5].num_slots >= 1.9 * engines[1.0].num_slots
     full = Engine(*tiny_llava, CacheConfig("full").policy, config)
@@ -98,10 +99,10 @@ def test_no_slot_outgrows_its_size_and_peak_kv_stays_within_the_allocation(metho
     policy = CacheConfig(method, budget, **options).policy
     engine = Engine(*tiny_llava, policy, EngineConfig(max_num_seqs=2, max_prompt_tokens=60, max_tokens=30))
     outputs, _, lengths = run_streaming(engine, requests(images, 4), [30] * 4)
-    assert max(lengths) <= engine.slot_size
+    assert max(lengths) <= max(engine.slot_sizes)
     assert 0 < engine.peak_kv_bytes <= engine.kv_allocated_bytes
     for out in outputs:
-        assert out.stats["kv_bytes"] <= out.stats["slot_bytes"] == engine.slot_size * engine.entry_bytes
+        assert out.stats["kv_bytes"] <= out.stats["slot_bytes"] == engine.slot_bytes
         if budget < 1.0:
             assert out.stats["kv_bytes"] < out.stats["kv_bytes_full"]
 

@@ -12,6 +12,7 @@ from test_engine import METHODS
 from test_engine_isolation import broken
 
 ABORTED = 5
+PER_LAYER = [("elastic-vl", 0.5, {"layer_budgets": [0.3, 0.7]}), ("h2o", 0.5, {"layer_budgets": [0.7, 0.3]})]
 
 
 def request(images, i):
@@ -67,7 +68,7 @@ def summary(output):
     return output.text, output.token_ids, output.finish_reason, stats
 
 
-@pytest.mark.parametrize("method,budget,options", METHODS)
+@pytest.mark.parametrize("method,budget,options", METHODS + PER_LAYER)
 def test_async_output_equals_synchronous_output_and_generate_request_by_request(
     method, budget, options, tiny_vlm, images, monkeypatch
 ):

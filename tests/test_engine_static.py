@@ -14,7 +14,8 @@ from elastic_ray import CacheConfig, EngineConfig, SamplingParams
 from elastic_ray.engine.engine import Engine
 
 METHODS = [("full", 1.0, {}), ("elastic", 0.5, {}), ("elastic", 0.3, {"positions": "compact"}), ("h2o", 0.5, {}),
-           ("streaming", 0.5, {}), ("elastic-vl", 0.5, {})]
+           ("streaming", 0.5, {}), ("elastic-vl", 0.5, {}),
+           ("elastic-vl", 0.5, {"layer_budgets": [0.3, 0.7]}), ("h2o", 0.5, {"layer_budgets": [0.3, 0.7]})]
 SYNC_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "unique"}  # item/int/bool, data-sized outputs
 
 

@@ -24,7 +24,7 @@ print(json.dumps({{"code": code, "imported": [m for m in {HEAVY!r} if m in sys.m
 
 
 @pytest.mark.parametrize("job", ["report", "evaluate", "benchmark", "load_test", "train_demo", "eval_demo", "caption",
-                                 "engine_baseline", "caption_benchmark", "object_store_cost"])
+                                 "engine_baseline", "caption_benchmark", "object_store_cost", "calibrate_layers"])
 def test_help_imports_neither_torch_nor_ray(job):
     result = subprocess.run([sys.executable, "-c", HELP_THEN_MODULES, f"jobs/{job}.py"], cwd=REPO,
                             capture_output=True, text=True, timeout=60)

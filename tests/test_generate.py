@@ -68,7 +68,7 @@ def test_new_tokens_rotate_at_their_true_index_or_at_the_cache_length(positions,
         hook.remove()
     prompt_lengths = inputs["attention_mask"].sum(1)
     for step in range(1, STEPS):
-        expected = cache.history[step - 1] if positions == "compact" else prompt_lengths + step - 1
+        expected = cache.history[step - 1][0] if positions == "compact" else prompt_lengths + step - 1
         assert seen[step][:, 0].tolist() == expected.tolist()
 
 
@@ -158,13 +158,13 @@ def test_cache_length_is_c0_after_the_prompt_and_follows_the_rule_while_decoding
     lengths = inputs["attention_mask"].sum(1).tolist()
     for row, prompt_len in enumerate(lengths):
         expected = policy.prompt_kept(prompt_len)
-        assert int(cache.history[0][row]) == expected
+        assert cache.history[0][:, row].tolist() == [expected] * len(cache.layers)
         for step, counts in enumerate(cache.history[1:], start=1):
             expected += 1
             if policy.evicts and expected >= budget * (prompt_len + step) + 1 - 1e-6:
                 expected -= 1
-            assert int(counts[row]) == expected
-        assert max(int(h[row]) for h in cache.history) < policy.peak_entries(prompt_len, 60)
+            assert counts[:, row].tolist() == [expected] * len(cache.layers)
+        assert max(int(h[:, row].max()) for h in cache.history) < policy.peak_entries(prompt_len, 60)
     for layer in cache.layers:  # every layer stores the same count per row
         assert torch.equal(layer.lengths, cache.layers[0].lengths)
 

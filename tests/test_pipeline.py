@@ -124,6 +124,8 @@ def test_a_non_empty_output_needs_resume(shards, tmp_path):
     (["--cache-option", "protect=high"], "option protect must be int, got 'high'"),
     (["--cache-option", "importance=max"], "option importance must be one of ('sum', 'mean', 'instruction')"),
     (["--cache-option", "offset=99999999999999999999"], "option offset must be in [1, 1048576]"),
+    (["--cache-option", "layer_budgets=missing.json"], "layer_budgets: cannot read calibration file missing.json"),
+    (["--budget", "0.5", "--cache-option", "layer_budgets=[0.2,0.2,0.2]"], "have mean 0.2, not the budget 0.5"),
     (["--kv-cache-memory", "lots"], "argument --kv-cache-memory: bytes (an integer) or a fraction"),
 ])
 @pytest.mark.slow

@@ -29,7 +29,7 @@ from elastic_ray import LLM, CacheConfig, EngineConfig, SamplingParams
 from elastic_ray.data.images import decode_image
 from elastic_ray.data.shapes import CAPTION_INSTRUCTION, make_scenes, png_bytes
 from elastic_ray.models.loading import load
-from elastic_ray.serving.api import check, parse_request
+from elastic_ray.serving.api import APIError, check, parse_request
 from elastic_ray.serving.app import settled_text
 from elastic_ray.serving.settings import ServeConfig
 from conftest import http_image_server
@@ -306,6 +306,12 @@ BAD = {
     "cache option over int64": (chat(data_url(png()), cache_options={"offset": 2**64}), 400, "cache_options"),
     "cache option over int32": (chat(data_url(png()), cache_options={"sink": -(2**40)}), 400, "cache_options"),
     "nested cache option": (chat(data_url(png()), cache_options={"offset": [1]}), 400, "cache_options"),
+    "layer budgets off the budget": (chat(data_url(png()), cache_options={"layer_budgets": [0.1, 0.2, 0.3]}), 400,
+                                     "cache_options: layer_budgets [0.1, 0.2, 0.3] have mean 0.2, not the budget"),
+    "layer budgets for another model": (chat(data_url(png()), budget=0.5, cache_options={"layer_budgets": [0.5, 0.5,
+                                        0.4, 0.6]}), 400, "layer_budgets has 4 ratios but the model has 3 layers"),
+    "layer budgets from a server file": (chat(data_url(png()), cache_options={"layer_budgets": "/etc/x.json"}), 400,
+                                         "a calibration file is the server's own setting"),
     "many cache options": (chat(data_url(png()), cache_options={f"o{i}": 1 for i in range(99)}), 400,
                            "cache_options"),
     "long stop string": (chat(data_url(png()), stop="x" * 1000), 400, "stop"),
@@ -433,6 +439,30 @@ def test_cache_options_come_from_the_request_or_for_the_default_method_from_the_
     assert ServeConfig(cache_options='{"protect": 16}').cache_options == {"protect": 16}  # serve run key=value
     with pytest.raises(ValueError, match="no option"):
         ServeConfig(method="h2o", cache_options={"protect": 16})
+
+
+def test_layer_budgets_come_as_ratios_from_a_request_and_as_a_calibration_file_from_the_server(tmp_path):
+    curves = [[0.5, 1.0], [0.2, 1.0], [0.3, 1.0]]
+    path = tmp_path / "layers.json"
+    path.write_text(json.dumps({"version": 1, "method": "h2o", "layers": 3, "ratios": [0.1, 1.0], "retention": curves}))
+    config = ServeConfig(method="h2o", budget=0.5, cache_options={"layer_budgets": str(path)})
+    image = data_url(png())
+    served = check(parse_request(json.dumps(chat(image)).encode()), config).cache.policy
+    assert served.layer_budgets is not None and sum(served.layer_budgets) / 3 == pytest.approx(0.5)
+    own = chat(image, cache_options={"layer_budgets": [0.4, 0.5, 0.6]})
+    assert check(parse_request(json.dumps(own).encode()), config).cache.policy.layer_budgets == (0.4, 0.5, 0.6)
+    for options, status, message in [
+        ({"layer_budgets": "layers.json"}, 400, "a calibration file is the server's own setting"),
+        ({"layer_budgets": [0.4, 0.5, 2.0]}, 400, "every ratio must be a number in (0, 1]"),
+        ({"layer_budgets": [0.5, "x"]}, 400, "at most 1024 finite numbers"),
+        ({"layer_budgets": "0.5 0.5 0.8"}, 400, "not the budget 0.5"),
+    ]:
+        with pytest.raises(APIError) as refused:
+            check(parse_request(json.dumps(chat(image, cache_options=options)).encode()), config)
+        assert refused.value.status == status and message in str(refused.value), options
+    path.write_text("{broken")
+    with pytest.raises(ValueError, match="is not valid JSON"):
+        ServeConfig(method="h2o", budget=0.5, cache_options={"layer_budgets": str(path)})
 
 
 def aborted(url: str) -> int:

@@ -79,7 +79,8 @@ def prefill_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tens
     """The prompt's attention, then the prompt stage for this layer: score, select, merge, store."""
     unmasked = kernel is sdpa_attention_forward and not batch.padded
     output = _run(kernel, module, query, key, value, None if unmasked else batch.allowed)
-    policy, layer = batch.policy, module.layer_idx
+    layer = module.layer_idx
+    policy = batch.policy.for_layer(layer)
     scores = policy.prompt_importance(query, key, module.scaling, batch.real, batch.image)
     heads = key.shape[1]
     order = batch.order[:, None, :].expand(-1, heads, -1)
@@ -98,7 +99,8 @@ def prefill_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tens
 def decode_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, batch: DecodeBatch,
                      kernel) -> Tensor:
     """One token per row: write it into the slot, attend over the slot's entries, evict."""
-    slots, policy, layer = batch.slots, batch.policy, module.layer_idx
+    slots, layer = batch.slots, module.layer_idx
+    policy = batch.policy.for_layer(layer)
     width = min(batch.width, slots.sizes[layer])
     n = query.shape[0]
     lengths = slots.append(layer, key[:, :, 0], value[:, :, 0], batch.active)

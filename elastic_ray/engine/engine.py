@@ -45,11 +45,11 @@ def free_memory(device: torch.device) -> int:
 @dataclass
 class Group:
     """Sequences sampled together: row i of `copy` is `seqs[i]`'s token, whatever slot moves
-    happen before it is read; `kv_entries[i]`: what its slot held after the step."""
+    happen before it is read; `kv_entries[i]`: what its slot held in each layer after the step."""
 
     seqs: list[Sequence]
     copy: Copy
-    kv_entries: list[int]
+    kv_entries: list[list[int]]
 
 
 @dataclass
@@ -89,18 +89,20 @@ class Engine:
                 f"model's context of {context} tokens"
             )
         param = next(model.parameters())
-        self.entry_bytes = self.family.entry_bytes(param.element_size())
-        self.slot_size = policy.peak_entries(self.max_prompt_tokens, config.max_tokens)
+        self.entry_bytes = self.family.entry_bytes(param.element_size())  # one entry in every layer
+        self.layer_policies = policy.layer_policies(len(self.family.attentions))
+        self.layer_entry_bytes = self.entry_bytes // len(self.layer_policies)
+        self.slot_sizes = self.slot_sizes_for(policy)
         memory = config.kv_cache_memory
         self.kv_budget_bytes = int(memory * free_memory(param.device)) if isinstance(memory, float) else memory
         num_slots = self.slots_for(policy)
         if num_slots < 1:
             raise ValueError(
                 f"kv_cache_memory of {self.kv_budget_bytes} bytes holds no slot of "
-                f"{self.slot_size * self.entry_bytes} bytes ({self.slot_size} entries for "
+                f"{self.slot_bytes} bytes ({self.slot_sizes} entries per layer for "
                 f"{self.max_prompt_tokens} prompt + {config.max_tokens} new tokens)"
             )
-        slots = KVSlots(num_slots, [self.slot_size] * len(self.family.attentions), self.family.kv_heads,
+        slots = KVSlots(num_slots, self.slot_sizes, self.family.kv_heads,
                         self.family.head_dim, param.dtype, param.device, with_scores=policy.decode_scores)
         sampler = Sampler(num_slots, config.max_tokens, param.device)
         self.compiled = default_compile(param.device) if config.compile is None else config.compile
@@ -119,11 +121,25 @@ class Engine:
     def num_slots(self) -> int:
         return self.scheduler.num_slots
 
+    def slot_sizes_for(self, policy: CachePolicy) -> list[int]:
+        """Entries a slot holds in each layer under `policy`: each layer's peak (spec §10)."""
+        return [p.peak_entries(self.max_prompt_tokens, self.config.max_tokens)
+                for p in policy.layer_policies(len(self.family.attentions))]
+
     def slots_for(self, policy: CachePolicy) -> int:
         """The slots this engine's KV budget holds under `policy`, for the same prompt and output limits
         (with the full cache's policy: what compression gained)."""
-        slot_bytes = policy.peak_entries(self.max_prompt_tokens, self.config.max_tokens) * self.entry_bytes
+        slot_bytes = sum(self.slot_sizes_for(policy)) * self.layer_entry_bytes
         return min(self.config.max_num_seqs, self.kv_budget_bytes // slot_bytes)
+
+    @property
+    def slot_bytes(self) -> int:
+        """Key/value bytes of one slot, every layer at its own size."""
+        return sum(self.slot_sizes) * self.layer_entry_bytes
+
+    def kv_bytes(self, entries: int) -> int:
+        """Bytes of `entries` key/value entries summed over layers (one layer's entry each)."""
+        return entries * self.layer_entry_bytes
 
     @property
     def mean_busy_slots(self) -> float:
@@ -221,17 +237,18 @@ class Engine:
                 except Exception as error:
                     failed.append((seq, _failure(seq, error)))
         self._retire([seq for seq, _ in failed])
-        stored = sum(s.kv_entries for s in self.scheduler.running)
-        self.peak_kv_bytes = max(self.peak_kv_bytes, stored * self.entry_bytes)
+        stored = sum(sum(s.kv_entries) for s in self.scheduler.running)
+        self.peak_kv_bytes = max(self.peak_kv_bytes, self.kv_bytes(stored))
         return Launch([self._sample(seqs, logits) for seqs, logits in groups], failed)
 
     def _decode(self, seqs: list[Sequence]) -> Launch:
         """One token for every running sequence (seqs[i] owns slot i)."""
-        stored = sum(s.kv_entries for s in seqs) + len(seqs)  # the new entries, before any eviction
-        self.peak_kv_bytes = max(self.peak_kv_bytes, stored * self.entry_bytes)
+        layers = len(self.layer_policies)
+        stored = sum(sum(s.kv_entries) + layers for s in seqs)  # the new entries, before any eviction
+        self.peak_kv_bytes = max(self.peak_kv_bytes, self.kv_bytes(stored))
         logits = self.runner.decode(len(seqs), max(s.columns_next_step() for s in seqs))
         for seq in seqs:
-            seq.token_fed(self.policy)
+            seq.token_fed(self.layer_policies)
         self.steps["decode"] += 1
         self.busy_slot_steps += len(seqs)
         return Launch([self._sample(seqs, logits)], [])
@@ -240,7 +257,7 @@ class Engine:
         copy = self.runner.sample(logits, seqs[0].slot, seqs)
         for seq in seqs:
             seq.drawn += 1
-        return Group(seqs, copy, [s.kv_entries for s in seqs])
+        return Group(seqs, copy, [list(s.kv_entries) for s in seqs])
 
     def _collect(self, launch: Launch) -> list[RequestOutput]:
         """A launched step's outputs: its tokens read back and appended; the finished sequences end
@@ -263,9 +280,9 @@ class Engine:
         self._retire([seq for seq in finished if seq.slot >= 0])
         return [output for _, output in outputs]
 
-    def _advance(self, seq: Sequence, token: int, logprob: float | None, kv_entries: int) -> RequestOutput:
+    def _advance(self, seq: Sequence, token: int, logprob: float | None, kv_entries: list[int]) -> RequestOutput:
         """Append a sampled token; the request's output, finished if EOS, a stop string or its length
-        says so. `kv_entries`: what its slot held once the token's step had run."""
+        says so. `kv_entries`: what its slot held in each layer once the token's step had run."""
         seq.generated.append(token)
         if seq.forced is not None:
             seq.logprobs.append(logprob)
@@ -277,17 +294,16 @@ class Engine:
                 return RequestOutput(seq.request_id, final, token_ids, reason, self._stats(seq, token_ids, kv_entries))
         return RequestOutput(seq.request_id, text.strip(), list(seq.generated), None)
 
-    def _stats(self, seq: Sequence, token_ids: list[int], kv_entries: int) -> dict:
+    def _stats(self, seq: Sequence, token_ids: list[int], kv_entries: list[int]) -> dict:
         fed = len(token_ids) - 1  # the last generated token is never fed back
-        layers = len(self.family.attentions)
         stats = {
             "prompt_tokens": seq.prompt_tokens,
             "output_tokens": len(token_ids),
-            "kv_entries_prompt": [seq.kv_entries_prompt] * layers,
-            "kv_entries": [kv_entries] * layers,
-            "kv_bytes": kv_entries * self.entry_bytes,
+            "kv_entries_prompt": list(seq.kv_entries_prompt),
+            "kv_entries": kv_entries,
+            "kv_bytes": self.kv_bytes(sum(kv_entries)),
             "kv_bytes_full": (seq.prompt_tokens + fed) * self.entry_bytes,
-            "slot_bytes": self.slot_size * self.entry_bytes,
+            "slot_bytes": self.slot_bytes,
             "method": self.policy.name,
             "budget": self.policy.budget,
         }

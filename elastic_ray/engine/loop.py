@@ -171,7 +171,7 @@ class EngineLoop:
         with self._lock:
             engines = list(self.engines.items())
         return [{"method": cache.method, "budget": cache.budget, "options": cache.options, "slots": engine.num_slots,
-                 "slot_bytes": engine.slot_size * engine.entry_bytes, "kv_allocated_bytes": engine.kv_allocated_bytes,
+                 "slot_bytes": engine.slot_bytes, "kv_allocated_bytes": engine.kv_allocated_bytes,
                  "aborted": engine.aborted}
                 for cache, engine in engines]
 

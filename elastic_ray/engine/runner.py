@@ -52,6 +52,7 @@ class ModelRunner:
     def __init__(self, model: nn.Module, family: Family, policy: CachePolicy, slots: KVSlots, sampler: Sampler,
                  pad_token_id: int, compile: bool):
         self.model, self.family, self.policy, self.slots, self.sampler = model, family, policy, slots, sampler
+        self.layer_policies = policy.layer_policies(len(family.attentions))
         self.pad_token_id = pad_token_id
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
@@ -98,7 +99,7 @@ class ModelRunner:
         self.busy[rows] = True
         self.sampler.admit(first, seqs)
         for seq in seqs:
-            seq.prompt_stored(self.policy)
+            seq.prompt_stored(self.layer_policies)
         return out.logits[:, -1]
 
     @torch.no_grad()

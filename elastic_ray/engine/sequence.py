@@ -21,9 +21,9 @@ class Status(Enum):
 class Sequence:
     """A request from admission to its last token. `inputs` are its processor tensors (batch 1).
 
-    The KV counts mirror, on the host, what the device's slot holds for it (the same §10
-    arithmetic, so reading them costs no sync): `kv_entries` stored, `kv_columns` in use (one more
-    while the column of the last eviction waits for the next entry).
+    The KV counts mirror, on the host, what the device's slot holds for it in each layer (the same
+    §10 arithmetic with each layer's policy, so reading them costs no sync): `kv_entries[l]` stored,
+    `kv_columns[l]` in use (one more while the column of the last eviction waits for the next entry).
 
     `drawn` counts the tokens sampled on the device, `generated` those read back on the host: with
     async output the host is a step behind. `ended`: its finished output went out, or it was
@@ -39,27 +39,30 @@ class Sequence:
     generated: list[int] = field(default_factory=list)
     drawn: int = 0
     ended: bool = False
-    kv_entries_prompt: int = 0
-    kv_entries: int = 0
-    kv_columns: int = 0
+    kv_entries_prompt: list[int] = field(default_factory=list)
+    kv_entries: list[int] = field(default_factory=list)
+    kv_columns: list[int] = field(default_factory=list)
     generator: torch.Generator | None = None
     forced: list[int] | None = None  # teacher forcing: feed these tokens and score them
     logprobs: list[float] = field(default_factory=list)  # log-probability of each forced token
     text: IncrementalText | None = None
     eos: set[int] = field(default_factory=set)  # tokens that end it (empty with ignore_eos)
 
-    def prompt_stored(self, policy: CachePolicy) -> None:
-        """The prompt stage kept C0 entries in columns [0, C0)."""
-        self.kv_entries_prompt = self.kv_entries = self.kv_columns = policy.prompt_kept(self.prompt_tokens)
+    def prompt_stored(self, layers: list[CachePolicy]) -> None:
+        """The prompt stage kept C0 entries in columns [0, C0) of each layer (`layers`: their policies)."""
+        self.kv_entries_prompt = [policy.prompt_kept(self.prompt_tokens) for policy in layers]
+        self.kv_entries, self.kv_columns = list(self.kv_entries_prompt), list(self.kv_entries_prompt)
 
     def columns_next_step(self) -> int:
-        """Columns in use once the next step has written its entry."""
-        return self.kv_columns + (self.kv_columns == self.kv_entries)
+        """Columns in use in its widest layer once the next step has written its entry."""
+        return max(columns + (columns == entries) for columns, entries in zip(self.kv_columns, self.kv_entries))
 
-    def token_fed(self, policy: CachePolicy) -> None:
-        """One decode step fed this sequence's last token: its entry is written, then maybe one evicted."""
-        self.kv_columns = self.columns_next_step()
-        self.kv_entries += 1
+    def token_fed(self, layers: list[CachePolicy]) -> None:
+        """One decode step fed this sequence's last token: in each layer its entry is written, then
+        maybe one evicted."""
         seen = self.prompt_tokens + self.drawn  # the token just fed included
-        if policy.evicts and over_budget(self.kv_entries, seen, policy.budget):
-            self.kv_entries -= 1
+        for layer, policy in enumerate(layers):
+            self.kv_columns[layer] += self.kv_columns[layer] == self.kv_entries[layer]
+            self.kv_entries[layer] += 1
+            if policy.evicts and over_budget(self.kv_entries[layer], seen, policy.budget):
+                self.kv_entries[layer] -= 1

@@ -22,14 +22,15 @@ class Sample:
     kind: str  # "caption", "description", "vqa", or "reference" for a data set with no task scorer
 
 
-def shapes_samples(n: int, seed: int = 0, scenes: str = "demo") -> list[Sample]:
-    """`n` test-split scenes of a demo model's data (`SCENES`), each as its long samples (a caption;
-    with demo-v2 also a multi-sentence description) and as one of its questions."""
+def shapes_samples(n: int, seed: int = 0, scenes: str = "demo", split: str = "test") -> list[Sample]:
+    """`n` scenes of a split (the test split by default) of a demo model's data (`SCENES`), each as
+    its long samples (a caption; with demo-v2 also a multi-sentence description) and as one of its
+    questions."""
     if scenes not in SCENES:
         raise ValueError(f"scenes must be one of {sorted(SCENES)}, got {scenes!r}")
     rng = random.Random(seed)
     samples = []
-    for i, scene in enumerate(SCENES[scenes](n, seed=seed, split="test")):
+    for i, scene in enumerate(SCENES[scenes](n, seed=seed, split=split)):
         question, answer = rng.choice(scene.qa)
         for instruction, reference in scene.long_targets:
             kind = "caption" if instruction == CAPTION_INSTRUCTION else "description"

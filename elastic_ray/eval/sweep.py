@@ -90,7 +90,7 @@ def run_cell(model, processor, cell: Cell, samples: list[Sample], max_tokens: in
         "samples": len(samples), "errors": len(samples) - len(ok),
         "kv_bytes_mean": sum(greedy[i].stats["kv_bytes"] for i in ok) / len(ok),
         "kv_bytes_full_mean": sum(greedy[i].stats["kv_bytes_full"] for i in ok) / len(ok),
-        "slot_entries": runner.slot_size,
+        "slot_entries": sum(runner.slot_sizes) / len(runner.slot_sizes),  # per layer, on average
     }
     kinds = sorted({samples[i].kind for i in ok})
     for kind in ([None, *kinds] if len(kinds) > 1 else [None]):

@@ -55,6 +55,7 @@ class CompressedLayer(CacheLayerMixin):
         self.lengths: Tensor | None = None  # [B] entries per row
         self.positions: Tensor | None = None  # [B, H, W] original token index of each entry, -1 = empty
         self.scores: Tensor | None = None  # [B, H, W] accumulated attention (methods that need it)
+        self.truncation: Tensor | None = None  # [B] each row's fixed eviction index in this layer
         self.seen_tokens = 0  # logical columns seen, pads included
 
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
@@ -100,8 +101,9 @@ class CompressedLayer(CacheLayerMixin):
         columns = torch.arange(self.width, device=self.lengths.device)[None, :]
         return (columns + self.width - self.lengths[:, None]) % self.width
 
-    def compress_prompt(self, selection: Selection, order: Tensor, scores: Tensor | None) -> None:
-        """Replace the raw, left-padded prompt by the selected entries, right-aligned per row.
+    def compress_prompt(self, selection: Selection, order: Tensor, scores: Tensor | None, policy: CachePolicy) -> None:
+        """Replace the raw, left-padded prompt by the selected entries, right-aligned per row, and set
+        the rows' truncation points by this layer's `policy`.
 
         order: [B, S] the prompt columns with each row's real ones first (`pack_order`).
         """
@@ -120,11 +122,16 @@ class CompressedLayer(CacheLayerMixin):
         self.keys, self.values = _gather_columns(self.keys, index), _gather_columns(self.values, index)
         self.positions = self._blank(_gather_columns(kept.positions, index), -1)
         self.scores = None if scores is None else self._blank(_gather_columns(kept_scores, index), 0.0)
+        self.truncation = policy.truncation_points(self.lengths)
         self.compressed = True
 
     def valid(self) -> Tensor:
         """[B, W] bool, the columns that hold entries."""
         return torch.arange(self.width, device=self.lengths.device)[None, :] >= (self.width - self.lengths)[:, None]
+
+    def step_mask(self) -> Tensor:
+        """[B, W+1] bool: a decode step's keys, the stored entries and the new one."""
+        return torch.cat([self.valid(), self.lengths.new_ones(self.lengths.shape[0], 1, dtype=torch.bool)], dim=1)
 
     def _blank(self, tensor: Tensor, fill) -> Tensor:
         return tensor.masked_fill(~self.valid()[:, None, :], fill)
@@ -174,8 +181,9 @@ class CompressedLayer(CacheLayerMixin):
 class CompressedCache(Cache):
     """One `CompressedLayer` per decoder layer, for one `generate()` call, driven by the hooks.
 
-    `seen` [B] counts real tokens (prompt without pads, plus tokens fed since); `truncation`
-    [B] is each row's fixed eviction index; `evicting` [B] flags rows over budget this step.
+    `seen` [B] counts real tokens (prompt without pads, plus tokens fed since). Layer l follows
+    `layer_policies[l]` (the policy's `for_layer`); with a per-layer split, layers keep different
+    counts, so each decode step masks each layer by its own entries (`per_layer_masks`).
     `image` [B, S]: the prompt's image tokens (`Family.image_mask(input_ids)`), columns as the
     prompt's; the caller sets it, since the hooks only see embeddings. Methods whose options read
     it refuse to compress without it.
@@ -184,13 +192,13 @@ class CompressedCache(Cache):
     def __init__(self, policy: CachePolicy, num_layers: int, image: Tensor | None = None):
         super().__init__(layers=[CompressedLayer() for _ in range(num_layers)])
         self.policy = policy
+        self.layer_policies = policy.layer_policies(num_layers)
+        self.per_layer_masks = policy.layer_budgets is not None
         self.image = image
         self.seen: Tensor | None = None
-        self.truncation: Tensor | None = None
-        self.evicting: Tensor | None = None
         self.real: Tensor | None = None  # [B, S] the raw prompt's non-pad columns
         self.order: Tensor | None = None  # [B, S] those columns first, in order
-        self.history: list[Tensor] = []  # lengths after each forward, one [B] tensor per step
+        self.history: list[Tensor] = []  # lengths after each forward, one [layers, B] tensor per step
 
     @property
     def lengths(self) -> Tensor:
@@ -211,18 +219,14 @@ class CompressedCache(Cache):
         self.real, self.order = real, pack_order(real)
         self.seen = real.sum(1)
 
-    def end_prompt(self) -> None:
-        self.truncation = self.policy.truncation_points(self.lengths)
-        self.history.append(self.lengths.clone())
+    def record_lengths(self) -> None:
+        """After the prompt or a step: every layer's lengths, for the stats."""
+        self.history.append(torch.stack([layer.lengths for layer in self.layers]))
 
     def begin_step(self) -> Tensor:
-        """Advance one token; returns the decode mask [B, W+1] over stored entries plus the new one."""
+        """Advance one token; returns the first layer's decode mask [B, W+1] (`step_mask`)."""
         self.seen = self.seen + 1
-        self.evicting = self.policy.over_budget(self.lengths + 1, self.seen)
-        return torch.cat([self.layers[0].valid(), self.seen.new_ones(self.seen.shape[0], 1, dtype=torch.bool)], dim=1)
-
-    def end_step(self) -> None:
-        self.history.append(self.lengths.clone())
+        return self.layers[0].step_mask()
 
     def reset(self):
         raise NotImplementedError("use a fresh CompressedCache per generate call")

@@ -41,7 +41,7 @@ def _attention_post_hook(cache_layers: int):
         if not isinstance(cache, CompressedCache):
             return None
         layer = cache.layers[module.layer_idx]
-        policy = cache.policy
+        policy = cache.layer_policies[module.layer_idx]
         if not layer.compressed:
             scores = None
             if policy.prompt_scores is not None:
@@ -52,9 +52,9 @@ def _attention_post_hook(cache_layers: int):
                 scores, cache.seen, image=None if cache.image is None else _pack(cache.image, cache.order),
                 keys=_pack(layer.keys, cache.order) if policy.prompt_keys else None,
             )
-            layer.compress_prompt(selection, cache.order, scores if policy.prompt_scores == "kv" else None)
+            layer.compress_prompt(selection, cache.order, scores if policy.prompt_scores == "kv" else None, policy)
             if module.layer_idx == cache_layers - 1:
-                cache.end_prompt()
+                cache.record_lengths()
             return None
         layer.record_new_positions(cache.seen)
         scores = None
@@ -62,13 +62,31 @@ def _attention_post_hook(cache_layers: int):
             received = attention_received(_queries(module, kwargs), layer.keys, module.scaling, layer.valid())
             layer.scores += reduce_heads(received, "kv", layer.keys.shape[1])
             scores = layer.logical(layer.scores)
-        victims = policy.victims(layer.logical(layer.positions), layer.lengths, cache.truncation, cache.seen, scores)
-        layer.evict(cache.evicting, victims)
+        victims = policy.victims(layer.logical(layer.positions), layer.lengths, layer.truncation, cache.seen, scores)
+        layer.evict(policy.over_budget(layer.lengths, cache.seen), victims)
         if module.layer_idx == cache_layers - 1:
-            cache.end_step()
+            cache.record_lengths()
         return None
 
     return hook
+
+
+def _attention_pre_hook(module: nn.Module, args: tuple, kwargs: dict):
+    """With a per-layer split, a decode step masks this layer by its own entries: the decoder's one
+    mask is the first layer's, and layers hold different counts."""
+    cache = passed_cache(kwargs)
+    if not isinstance(cache, CompressedCache) or not cache.per_layer_masks:
+        return None
+    layer = cache.layers[module.layer_idx]
+    if not layer.compressed:  # the prompt pass: every layer sees the whole prompt
+        return None
+    allowed = layer.step_mask()[:, None, None, :]
+    if "eager" in module.config._attn_implementation:  # an additive mask
+        dtype = kwargs["hidden_states"].dtype
+        allowed = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+            ~allowed, torch.finfo(dtype).min)
+    kwargs["attention_mask"] = allowed
+    return args, kwargs
 
 
 def _queries(module: nn.Module, kwargs: dict) -> torch.Tensor:
@@ -92,5 +110,6 @@ def install_hooks(family: Family) -> None:
     family.decoder.register_forward_pre_hook(_decoder_pre_hook, with_kwargs=True)
     post = _attention_post_hook(len(family.attentions))
     for attention in family.attentions:
+        attention.register_forward_pre_hook(_attention_pre_hook, with_kwargs=True)
         attention.register_forward_hook(post, with_kwargs=True)
     family.decoder._elastic_ray_hooked = True

@@ -78,14 +78,13 @@ class StaticBatchGenerator:
             generated = sequences[row, prompt_width:].tolist()
             token_ids, text, reason = finish(self.tokenizer, generated, sampling, eos)
             fed = len(token_ids) - 1  # the last generated token is never fed back
-            kept = int(cache.history[min(fed, len(cache.history) - 1)][row])
-            layers = len(self.family.attentions)
+            kept = cache.history[min(fed, len(cache.history) - 1)][:, row].tolist()  # per layer
             stats = {
                 "prompt_tokens": int(prompt_lengths[row]),
                 "output_tokens": len(token_ids),
-                "kv_entries_prompt": [int(cache.history[0][row])] * layers,
-                "kv_entries": [kept] * layers,
-                "kv_bytes": kept * self.entry_bytes,
+                "kv_entries_prompt": cache.history[0][:, row].tolist(),
+                "kv_entries": kept,
+                "kv_bytes": sum(kept) * self.entry_bytes // len(kept),
                 "kv_bytes_full": (int(prompt_lengths[row]) + fed) * self.entry_bytes,
                 "method": self.policy.name,
                 "budget": self.policy.budget,

@@ -15,6 +15,7 @@ class FullCache(CachePolicy):
     def __post_init__(self):
         if self.budget != 1.0:
             raise ValueError(f"method 'full' keeps every entry: budget must be 1.0, got {self.budget!r}")
+        super().__post_init__()
 
     def select_prompt(self, scores: Tensor | None, lengths: Tensor, **inputs) -> Selection:
         width = int(lengths.max())

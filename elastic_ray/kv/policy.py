@@ -1,6 +1,6 @@
 """The interface every cache method implements, and the pieces they share."""
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import ClassVar
 
 import torch
@@ -9,6 +9,7 @@ from torch import Tensor
 from elastic_ray.kv.budget import EPS, peak_entries, prompt_kept
 from elastic_ray.kv.entries import Selection, real_mask
 from elastic_ray.kv.importance import prompt_importance
+from elastic_ray.kv.layers import resolve_layer_budgets
 
 # The largest integer option (a count of entries): far beyond any prompt or output a slot holds,
 # and small enough that no index arithmetic on it can overflow int64.
@@ -23,9 +24,15 @@ class CachePolicy:
     Tensors follow one layout: row b's entries packed in [0, lengths[b]). Options are dataclass
     fields; an int option is bounded by `[metadata["min"] (default 0), MAX_INT_OPTION]`, a str
     option by `metadata["choices"]`.
+
+    `layer_budgets` splits the budget over the layers (`kv/layers.py`): layer l then follows
+    `for_layer(l)`, the same method with budget b_l, in every count of §10 (prompt stage, eviction,
+    slot size). Given as ratios or a calibration file, it is stored as the ratios, or None when the
+    split is uniform (then every layer is this policy itself).
     """
 
     budget: float = 1.0
+    layer_budgets: tuple[float, ...] | None = None
 
     name: ClassVar[str]
     prompt_scores: ClassVar[str | None] = None  # None, "mean" (over query heads) or "kv" (per KV head)
@@ -35,6 +42,8 @@ class CachePolicy:
 
     def __post_init__(self):
         for option in fields(self):  # options arrive from command lines and JSON bodies
+            if option.name == "layer_budgets":
+                continue
             value = getattr(self, option.name)
             kind = {"float": (int, float), "int": (int,), "bool": (bool,), "str": (str,)}[option.type.__name__]
             if not isinstance(value, kind) or (isinstance(value, bool) and option.type is not bool):
@@ -46,6 +55,22 @@ class CachePolicy:
                 raise ValueError(f"{self.name} option {option.name} must be one of {choices}, got {value!r}")
         if not 0.0 < self.budget <= 1.0:
             raise ValueError(f"budget must be in (0, 1], got {self.budget!r}")
+        split = resolve_layer_budgets(self.layer_budgets, self.budget, self.name)
+        object.__setattr__(self, "layer_budgets", split)
+        # each layer's policy, made once (not a field: equality and hashing see layer_budgets)
+        object.__setattr__(self, "_layers", None if split is None else
+                           tuple(replace(self, budget=b, layer_budgets=None) for b in split))
+
+    def for_layer(self, layer: int) -> "CachePolicy":
+        """The policy layer `layer` follows: this one, or this method at the layer's own budget."""
+        return self if self._layers is None else self._layers[layer]
+
+    def layer_policies(self, num_layers: int) -> list["CachePolicy"]:
+        """`for_layer` of every layer of a model with `num_layers` layers; ValueError if the split
+        has another number of layers."""
+        if self._layers is not None and len(self._layers) != num_layers:
+            raise ValueError(f"layer_budgets has {len(self._layers)} ratios but the model has {num_layers} layers")
+        return [self.for_layer(layer) for layer in range(num_layers)]
 
     @property
     def positions(self) -> str:

@@ -48,7 +48,7 @@ def build_engine(job: CaptionJob, model=None) -> Engine:
 
 def engine_slots(engine: Engine) -> dict:
     """What an actor's engine packs: its slots, and the slots its KV budget would hold with a full cache."""
-    return {"slots": engine.num_slots, "slot_bytes": engine.slot_size * engine.entry_bytes,
+    return {"slots": engine.num_slots, "slot_bytes": engine.slot_bytes,
             "full_slots": engine.slots_for(CacheConfig("full", 1.0).policy), "kv_budget_bytes": engine.kv_budget_bytes}
 
 

@@ -20,6 +20,7 @@ from elastic_ray.data.fetch import Fetcher
 from elastic_ray.data.images import ImageError, ImageSource, data_url_bytes, decode_image
 from elastic_ray.engine.loop import LoopStopped, Refused, Work
 from elastic_ray.kv import METHODS
+from elastic_ray.kv.layers import MAX_LAYERS, names_a_file
 from elastic_ray.models.prompts import check_instruction_length, prepare_request
 from elastic_ray.serving.settings import ServeConfig
 
@@ -124,9 +125,17 @@ class ChatRequest(BaseModel):
                 raise ValueError(f"{key} must be finite")
             if isinstance(value, str) and len(value) > MAX_OPTION_CHARS:
                 raise ValueError(f"{key} is over {MAX_OPTION_CHARS} characters")
+            if key == "layer_budgets" and isinstance(value, list):  # per-layer ratios, checked by the policy
+                if len(value) > MAX_LAYERS or not all(_finite_number(v) for v in value):
+                    raise ValueError(f"layer_budgets must be a list of at most {MAX_LAYERS} finite numbers")
+                continue
             if not isinstance(value, (int, float, str)):
                 raise ValueError(f"{key} must be a boolean, a number or a string, got {type(value).__name__}")
         return options
+
+
+def _finite_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def parse_request(body: bytes) -> ChatRequest:
@@ -164,6 +173,9 @@ def check(chat: ChatRequest, config: ServeConfig) -> Checked:
     # the server's options belong to its default method; a request may give its own
     options = chat.cache_options if chat.cache_options is not None else \
         config.cache_options if method == config.method else {}
+    if chat.cache_options is not None and names_a_file(chat.cache_options.get("layer_budgets")):
+        raise APIError(400, "cache_options: a request gives layer_budgets as ratios; a calibration file is the "
+                            "server's own setting (its cache_options)", "cache_options")
     try:
         cache = CacheConfig(method, budget, **options)
     except (ValueError, TypeError, OverflowError) as e:
