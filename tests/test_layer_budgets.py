@@ -200,7 +200,7 @@ def test_the_calibration_job_writes_a_file_the_policy_loads_and_refuses_what_it_
     result = subprocess.run([*job, "--method", "h2o"], capture_output=True, text=True, cwd=REPO, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     record = load_calibration(str(out), "h2o")
-    assert record["layers"] == 3 and record["samples"] == 2 and record["data"] == "shapes (train split)"
+    assert record["layers"] == 3 and record["samples"] == 2 and record["data"] == "demo shapes (train split)"
     split = make_policy("h2o", 0.3, layer_budgets=str(out)).layer_budgets
     assert f"budget 0.3: {' '.join(f'{b:.3f}' for b in split)}" in result.stdout
     for args, message in [(["--method", "streaming"], "streaming cannot be calibrated"),
