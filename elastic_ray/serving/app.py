@@ -193,6 +193,13 @@ class ChatServer:
                 self.engines.cancel(submission)
 
 
+# glibc raises its mmap threshold to the size of each large block freed, so after one big body every
+# later one (up to 32 MiB) is carved from a thread's arena and kept there: a replica's memory would
+# ratchet up with each worker thread that parses a large request. A fixed threshold keeps blocks of
+# 4 MiB and more (bodies, their JSON strings) in mmap, returned to the system when freed.
+REPLICA_ENV = {"MALLOC_MMAP_THRESHOLD_": str(4 << 20)}
+
+
 def build_app(config: ServeConfig) -> serve.Application:
     """The Serve application; `serve run elastic_ray.serving:build_app key=value ...` validates its
     arguments into a ServeConfig."""
@@ -200,7 +207,8 @@ def build_app(config: ServeConfig) -> serve.Application:
         "max_ongoing_requests": config.ongoing_requests,
         "max_queued_requests": config.max_queued_requests,
         "backpressure_config": BackpressureConfig(status_code=429, retry_after_s=config.retry_after_s),
-        "ray_actor_options": {"num_cpus": config.num_cpus, "num_gpus": config.num_gpus},
+        "ray_actor_options": {"num_cpus": config.num_cpus, "num_gpus": config.num_gpus,
+                              "runtime_env": {"env_vars": REPLICA_ENV}},
     }
     if config.max_replicas is None:
         options["num_replicas"] = config.num_replicas
