@@ -13,6 +13,7 @@ The split comes as the option `layer_budgets` of every method, in one of two for
 A split whose ratios are all equal to the budget is no split (`None`): the uniform budget.
 """
 
+import functools
 import json
 import math
 from pathlib import Path
@@ -66,14 +67,26 @@ def load_calibration(path: str, method: str | None = None) -> dict:
     """A calibration file, checked: `ratios` an ascending grid in (0, 1] ending at 1, `retention` one
     curve per layer over that grid with values in [0, 1]; `method` (if given) the file's method."""
     try:
+        stat = Path(path).stat()
+    except OSError as error:
+        raise ValueError(f"layer_budgets: cannot read calibration file {path}: {error.strerror}") from None
+    data = _checked_file(path, stat.st_mtime_ns, stat.st_size)
+    if method is not None and data["method"] != method:
+        raise ValueError(f"layer_budgets: {path} was calibrated for {data['method']!r}, not {method!r}")
+    return data
+
+
+@functools.lru_cache(maxsize=32)
+def _checked_file(path: str, mtime_ns: int, size: int) -> dict:
+    """The file's checked contents, read once per version of it (a replica whose own options name a
+    file builds a policy per request). Callers must not modify the result."""
+    try:
         data = json.loads(Path(path).read_text())
     except OSError as error:
         raise ValueError(f"layer_budgets: cannot read calibration file {path}: {error.strerror}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"layer_budgets: {path} is not valid JSON: {error}") from None
     check_calibration(data, f"layer_budgets: {path}")
-    if method is not None and data["method"] != method:
-        raise ValueError(f"layer_budgets: {path} was calibrated for {data['method']!r}, not {method!r}")
     return data
 
 
