@@ -1,8 +1,10 @@
 """Fidelity sweep: every method x budget against the full cache (PPL, ROUGE-L) and the ground truth.
 
-    python jobs/evaluate.py --preset readme          # the README's numbers: demo model, 2 seeds, ablations
+    python jobs/evaluate.py --preset readme          # the README's numbers: first demo model, 2 seeds, ablations
+    python jobs/evaluate.py --preset readme-v2       # the same comparison on demo-v2's scenes
     python jobs/evaluate.py --preset readme --model PATH        # the same sweep on another model
     python jobs/evaluate.py --preset layers          # per-layer budgets against the uniform split
+    python jobs/evaluate.py --preset layers --model demo-v2     # the same on demo-v2 (calibrate it first)
     python jobs/evaluate.py --methods "full,elastic,h2o recent_ratio=0" --budgets 0.2,0.5 --samples 20
     python jobs/evaluate.py --model /models/llava-1.5-7b-hf --data desc.parquet --samples 200 --ray
 
@@ -29,6 +31,7 @@ PRESETS = {
     # each left out of the preset, and the published method's own ablations. One torch thread a
     # process (the same numbers on any machine), two processes.
     "readme": {
+        "model": "demo",
         "methods": "elastic,elastic-vl,h2o,h2o recent_ratio=0,streaming",
         "budgets": [0.2, 0.3, 0.5, 0.7],
         "ablations": ",".join([
@@ -50,6 +53,7 @@ PRESETS = {
         "methods": ",".join(f"{method},{method} layer_budgets={LAYER_BUDGETS}/{{model}}-{method}.json,"
                             f"{method} layer_budgets={LAYER_BUDGETS}/{{model}}-{method}-output.json"
                             for method in ("elastic-vl", "h2o")),
+        "model": "demo",
         "budgets": [0.2, 0.3, 0.5, 0.7],
         "samples": 40,
         "seeds": [0, 1],
@@ -58,6 +62,7 @@ PRESETS = {
         "folder": "elastic_ray/eval/layer_results",
     },
 }
+PRESETS["readme-v2"] = {**PRESETS["readme"], "model": "demo-v2"}  # the same comparison on demo-v2's own scenes
 
 
 def floats(text: str) -> list[float]:
@@ -74,7 +79,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="a named sweep (flags given as well override it); 'readme' writes to "
                              "elastic_ray/eval/demo_results, 'layers' to elastic_ray/eval/layer_results (under "
                              "them, a folder per model other than demo)")
-    parser.add_argument("--model", default="demo", help="'demo', 'demo-v2', a local path or a hub id")
+    parser.add_argument("--model", default="demo-v2", help="'demo-v2' (default), 'demo', a local path or a hub id")
     parser.add_argument("--scenes", choices=["demo", "demo-v2"], default=None,
                         help="which demo model's test scenes the shapes samples are (demo-v2: a caption, a "
                              "description and a question per scene); default: --model's when it names a demo "

@@ -190,6 +190,9 @@ def test_the_readme_preset_is_one_command_and_another_model_one_flag_more():
     v2 = job.parse_args(["--preset", "readme", "--model", "demo-v2"])  # its own scenes, room for descriptions
     assert (v2.scenes, v2.max_tokens, v2.out) == ("demo-v2", 128, "elastic_ray/eval/demo_results/demo-v2")
     assert (readme.scenes, readme.max_tokens) == ("demo", 48)
+    v2_preset = job.parse_args(["--preset", "readme-v2"])  # the same sweep, demo-v2 by name
+    assert (v2_preset.model, v2_preset.out, v2_preset.methods) == ("demo-v2", v2.out, readme.methods)
+    assert job.parse_args([]).model == "demo-v2"  # the default model, its scenes
     trained = job.parse_args(["--model", "/runs/demo-v2", "--scenes", "demo-v2"])
     assert (trained.scenes, trained.max_tokens) == ("demo-v2", 128)
 
