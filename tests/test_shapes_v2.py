@@ -1,13 +1,28 @@
 """The v2 shapes data set: determinism, disjoint splits, descriptions that parse back to the
 scene, questions with right answers, and an image that matches its object map."""
 
-import numpy as np
-import pytest
+import io
+from itertools import islice
 
-from elastic_ray.data.shapes import CELLS, COLORS, make_scenes, png_bytes, questions_of, split_of
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from elastic_ray.data.shapes import (
+    CAPTION_INSTRUCTION,
+    CELLS,
+    COLORS,
+    make_scenes,
+    png_bytes,
+    questions_of,
+    split_of,
+    write_shards,
+)
 from elastic_ray.data.shapes_v2 import (
     DESCRIPTION_INSTRUCTION,
     PATTERNS,
+    iter_detailed_scenes,
     make_detailed_scenes,
     object_name,
     parse_description,
@@ -143,3 +158,14 @@ def test_neighbouring_background_patches_are_alike(scenes):
                 elif empty[r, c] != empty[r, c + 1]:
                     mixed.append(diff)
     assert np.mean(background) < 8 and np.mean(mixed) > 3 * np.mean(background)
+
+
+def test_shards_of_the_v2_stream_hold_its_captions_and_images(tmp_path):
+
+    write_shards(tmp_path, 4, rows_per_shard=2, stream=iter_detailed_scenes(3, "test"))
+    rows = pq.read_table(tmp_path).to_pylist()
+    scenes = list(islice(iter_detailed_scenes(3, "test"), 4))
+    assert [(r["instruction"], r["reference"]) for r in rows] == [(CAPTION_INSTRUCTION, s.caption) for s in scenes]
+    for row, scene in zip(rows, scenes):
+        image = Image.open(io.BytesIO(row["image"])).convert("RGB")
+        assert np.array_equal(np.asarray(image), np.asarray(scene.image))

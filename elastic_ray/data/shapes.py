@@ -235,11 +235,14 @@ def write_shards(
     split: str = "test",
     vqa: bool = False,
     image_size: int = IMAGE_SIZE,
+    stream: Iterator[Scene] | None = None,
 ) -> list[str]:
-    """Write `n` scenes as Parquet shards `{split}-00000.parquet`, ... under `path`."""
+    """Write `n` scenes as Parquet shards `{split}-00000.parquet`, ... under `path`: from `stream`
+    (e.g. demo-v2's `shapes_v2.iter_detailed_scenes(seed, split)`), by default the v1 scenes of
+    (seed, split)."""
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
-    scenes = islice(iter_scenes(seed, split, image_size), n)
+    scenes = islice(stream if stream is not None else iter_scenes(seed, split, image_size), n)
     rows = scene_rows(scenes, prefix=f"{split}-{seed}", vqa=vqa)
     files = []
     while chunk := list(islice(rows, rows_per_shard)):
