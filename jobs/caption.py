@@ -1,6 +1,6 @@
 """Caption images with a VLM on Ray Data: Parquet or WebDataset shards or an image folder in, Parquet captions out.
 
-    python jobs/caption.py                    # demo shards and demo model, local Ray, CPU
+    python jobs/caption.py                    # demo-v2 and its demo shards, local Ray, CPU
     python jobs/caption.py --method h2o --budget auto --target-rouge 0.9
     python jobs/caption.py --input s3://bucket/shards --output s3://bucket/captions \\
         --model llava-hf/llava-1.5-7b-hf --num-actors 8 --gpus-per-actor 1 --resume
@@ -15,8 +15,20 @@ import os
 from elastic_ray.flags import add_engine_flags, engine_settings, refuse
 from elastic_ray.pipeline.job import INPUT_FORMATS, CaptionJob, JobConfigError
 
-DEMO_INPUT = "out/demo-shards"
+DEMO_INPUTS = {"demo": "out/demo-shards", "demo-v2": "out/demo-v2-shards"}  # each demo model's own test scenes
 DEMO_ROWS, DEMO_ROWS_PER_SHARD = 256, 64
+
+
+def write_demo_shards(model: str) -> str:
+    """The demo input of a demo model: DEMO_ROWS of its test scenes, written once."""
+    path = DEMO_INPUTS[model]
+    if not os.path.isdir(path):
+        from elastic_ray.data.shapes import write_shards
+        from elastic_ray.data.shapes_v2 import iter_detailed_scenes
+
+        stream = iter_detailed_scenes(0, "test") if model == "demo-v2" else None
+        write_shards(path, DEMO_ROWS, rows_per_shard=DEMO_ROWS_PER_SHARD, stream=stream)
+    return path
 
 
 def budget(text: str) -> float | str:
@@ -52,11 +64,12 @@ def parser() -> argparse.ArgumentParser:
     d = CaptionJob(input="", output="")
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--input", help=f"Parquet shards, WebDataset tar shards or images: a file, folder or s3:// "
-                                   f"prefix (default: the demo shards, written to {DEMO_INPUT} if missing)")
+                                   f"prefix (default: the --model demo model's shards, else demo-v2's, written to "
+                                   f"{' or '.join(DEMO_INPUTS.values())} if missing)")
     p.add_argument("--input-format", choices=("auto", *INPUT_FORMATS), default=d.input_format,
                    help="auto: parquet if the input holds .parquet files, else webdataset if .tar, else images")
     p.add_argument("--output", default="out/captions", help="output folder or s3:// prefix")
-    p.add_argument("--model", default=d.model, help="'demo', a local path or a hub id")
+    p.add_argument("--model", default=d.model, help="'demo-v2' (default), 'demo', a local path or a hub id")
     add_engine_flags(p, d, budget_type=budget,
                      budget_help="fraction of KV entries kept, in (0, 1]; 'auto': the smallest that meets "
                                  "--target-rouge on the input's first --calibration-rows good rows")
@@ -101,11 +114,7 @@ def main(argv=None) -> None:
     p = parser()
     args = p.parse_args(argv)
     if args.input is None:
-        args.input = DEMO_INPUT
-        if not os.path.isdir(DEMO_INPUT):
-            from elastic_ray.data.shapes import write_shards
-
-            write_shards(DEMO_INPUT, DEMO_ROWS, rows_per_shard=DEMO_ROWS_PER_SHARD)
+        args.input = write_demo_shards(args.model if args.model in DEMO_INPUTS else CaptionJob.model)
     settings = engine_settings(args)
     settings["cache_options"] = tuple(settings["cache_options"].items())
     job = CaptionJob(

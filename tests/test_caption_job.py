@@ -83,7 +83,7 @@ def test_ray_job_submit_captions_the_demo_shards(head, tmp_path):
     assert "captioned 6 rows (0 errors)" in result.stdout
     table = read_output(str(out))
     assert sorted(table.column("id").to_pylist()) == [f"test-0-{i:06d}" for i in range(6)]
-    assert all(table.column("caption").to_pylist()) and set(table.column("model").to_pylist()) == {"demo"}
+    assert all(table.column("caption").to_pylist()) and set(table.column("model").to_pylist()) == {"demo-v2"}
     metrics = json.loads((tmp_path / "out.metrics.json").read_text())
     assert metrics["rows"] == 6 and metrics["errors"] == 0 and metrics["output_tokens"] > 0
 

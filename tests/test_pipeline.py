@@ -2,6 +2,7 @@
 runs on a real two-node Ray cluster (bad rows, a killed actor, s3:// through a local moto server)."""
 
 import contextlib
+import importlib.util
 import json
 import os
 import re
@@ -52,6 +53,23 @@ OURS = "captions-" + "ab" * 16 + "-000000-{}.parquet"  # a name the job's Captio
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     return save_tiny_model(tmp_path_factory.mktemp("tiny-llava"))
+
+
+def test_without_an_input_the_job_captions_its_demo_models_own_test_scenes(tmp_path, monkeypatch):
+    from elastic_ray.data.shapes import make_scenes
+    from elastic_ray.data.shapes_v2 import make_detailed_scenes
+
+    spec = importlib.util.spec_from_file_location("caption_job", REPO / "jobs" / "caption.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    assert CaptionJob.model == "demo-v2"
+    monkeypatch.setattr(job, "DEMO_ROWS", 3)
+    monkeypatch.setattr(job, "DEMO_INPUTS", {"demo": str(tmp_path / "v1"), "demo-v2": str(tmp_path / "v2")})
+    for model, scenes in (("demo-v2", make_detailed_scenes(3, 0, "test")), ("demo", make_scenes(3, 0, "test"))):
+        path = job.write_demo_shards(model)
+        assert [r["reference"] for r in pq.read_table(path).to_pylist()] == [s.caption for s in scenes]
+    monkeypatch.setattr(job, "DEMO_ROWS", 5)  # a folder that exists is the input as it is, never rewritten
+    assert pq.read_table(job.write_demo_shards("demo-v2")).num_rows == 3
 
 
 @pytest.fixture
@@ -422,7 +440,7 @@ def test_run_on_two_nodes_flags_bad_rows_and_writes_each_id_once(cluster, tiny_m
     assert sorted(table.column("id").to_pylist()) == sorted(
         [r["id"] for r, _ in expected] + [f"row-{i:03d}" for i in range(13)])
     check_errors(table, expected)
-    assert set(table.column("method").to_pylist()) == {"elastic-vl"} and set(table.column("budget").to_pylist()) == {0.6}
+    assert set(table.column("method").to_pylist()) == {"elastic-vl"} and set(table.column("budget").to_pylist()) == {0.9}
     metrics = json.loads((tmp_path / "out.metrics.json").read_text())
     assert (metrics["rows"], metrics["errors"], metrics["rows_in"], metrics["rows_out"]) == (25, 9, 25, 25)
     assert metrics["output_tokens"] == sum(v for v in table.column("output_tokens").to_pylist() if v)
@@ -638,7 +656,7 @@ def test_budget_auto_calibrates_on_the_input_and_captions_at_its_choice(cluster,
     # (one thread, as in the Ray task), scores the same ROUGE-L.
     table = pq.read_table(tmp_path / "in").slice(0, rows).to_pylist()
     samples = [Sample(r["id"], decode_image(r["image"]), r["instruction"], "", "reference") for r in table]
-    model, processor = load("demo")
+    model, processor = load(CaptionJob.model)  # the job ran its default model
     with one_torch_thread():
         _, full = run_cell(model, processor, Cell("full", 1.0), samples, max_tokens, score_ppl=False)
         first, _ = run_cell(model, processor, Cell("h2o", tried[0]["budget"]), samples, max_tokens, full,

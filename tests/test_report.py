@@ -18,10 +18,13 @@ from elastic_ray.eval.samples import shapes_samples
 from elastic_ray.eval.sweep import grid, sweep
 from elastic_ray.models.loading import load
 from elastic_ray.models.synthetic import random_llava
+from elastic_ray.pipeline.job import CaptionJob
 from elastic_ray.report import DEFAULT_PRICES, build
 from elastic_ray.report.inputs import caption_run, read_runs
 from elastic_ray.report.provenance import derive, measured, not_measured
 from elastic_ray.report.quality import latest_evaluations, quality
+
+JOB = CaptionJob(input="", output="")  # the caption job's defaults
 
 REPO = Path(__file__).parents[1]
 SERVE_LOAD = Path(__file__).parent / "data" / "serve_load"  # from jobs/serve.py + jobs/load_test.py, demo model
@@ -35,11 +38,12 @@ def work(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def evaluation(work) -> Path:
-    """The demo model at full cache and the caption job's default (elastic-vl 0.6) on one shapes scene
-    (a caption and a question)."""
-    model, processor = load("demo")
-    cells = sweep(model, processor, grid(["elastic-vl"], [0.6]), shapes_samples(1), max_tokens=8)
-    write_results({"model": "demo", "data": "shapes (test split)", "samples": 2, "max_tokens": 8, "wall_s": 0.0,
+    """The caption job's default model at full cache and at its default method and budget, on one
+    of its shapes scenes (a caption, a description and a question)."""
+    model, processor = load(JOB.model)
+    samples = shapes_samples(1, scenes=JOB.model)
+    cells = sweep(model, processor, grid([JOB.method], [JOB.budget]), samples, max_tokens=8)
+    write_results({"model": JOB.model, "data": "shapes (test split)", "samples": len(samples), "max_tokens": 8, "wall_s": 0.0,
                    "cells": cells}, work / "eval")
     return work / "eval"
 
@@ -133,7 +137,7 @@ def test_caption_job_writes_its_report_with_figures_from_its_metrics(caption, ev
         metrics["rows_per_s"] / metrics["num_actors"] / cpus)
     assert figure(row, "kv_packing_factor")["value"] == pytest.approx(
         metrics["kv_bytes_full_per_seq"] / metrics["kv_bytes_per_seq"])
-    # 8 MB of KV memory: fewer full-cache slots than elastic-vl 0.6 ones
+    # 8 MB of KV memory: fewer full-cache slots than compressed ones
     (actor,) = metrics["actors"]
     assert metrics["slots_per_actor"] == actor["slots"] and metrics["full_slots_per_actor"] == actor["full_slots"]
     assert 0 < actor["full_slots"] < actor["slots"] and actor["slots"] * actor["slot_bytes"] <= 8_000_000
@@ -147,9 +151,9 @@ def test_caption_job_writes_its_report_with_figures_from_its_metrics(caption, ev
     for entry, actor in zip(row["actors"], metrics["actors"], strict=True):
         assert entry["captions_per_engine_s"]["value"] == actor["captions_per_engine_s"]
         assert entry["tokens_per_engine_s"]["value"] == pytest.approx(actor["output_tokens"] / actor["engine_s"])
-    # quality at the run's budget, from the evaluation's elastic-vl 0.6 cell
+    # quality at the run's budget, from the evaluation's cell for the job's default method and budget
     results = json.loads((evaluation / "results.json").read_text())
-    (i, cell), = [(i, c) for i, c in enumerate(results["cells"]) if c["method"] == "elastic-vl" and c["budget"] == 0.6]
+    (i, cell), = [(i, c) for i, c in enumerate(results["cells"]) if c["method"] == JOB.method and c["budget"] == JOB.budget]
     assert_measured(row, "rouge_l", results, evaluation / "results.json", f"cells[{i}].rouge_l")
     assert figure(row, "accuracy")["value"] == cell["accuracy"]
 
@@ -426,12 +430,12 @@ def test_latest_evaluation_of_the_model_gives_the_quality(evaluation, work):
     os.utime(newer / "results.json", (stamp + 10, stamp + 10))
     runs = read_runs([newer, evaluation])
     latest = latest_evaluations(runs)
-    assert latest["demo"].source == str(newer / "results.json")
-    expected = next(c for c in results["cells"] if c["method"] == "elastic-vl")["rouge_l"]
-    assert quality("demo", "elastic-vl", 0.6, latest)["rouge_l"].value == expected
-    missing = quality("demo", "elastic-vl", 0.3, latest)["rouge_l"]
-    assert missing.value is None and "no elastic-vl cell at budget 0.3" in missing.reason
-    assert quality("other", "elastic-vl", 0.6, latest)["rouge_l"].status == "not measured"
+    assert latest[JOB.model].source == str(newer / "results.json")
+    expected = next(c for c in results["cells"] if c["method"] == JOB.method)["rouge_l"]
+    assert quality(JOB.model, JOB.method, JOB.budget, latest)["rouge_l"].value == expected
+    missing = quality(JOB.model, JOB.method, 0.3, latest)["rouge_l"]
+    assert missing.value is None and f"no {JOB.method} cell at budget 0.3" in missing.reason
+    assert quality("other", JOB.method, JOB.budget, latest)["rouge_l"].status == "not measured"
 
 
 def test_report_needs_no_ray_and_refuses_what_is_not_a_run(tmp_path):
