@@ -83,6 +83,25 @@ def test_protect_text_falls_back_to_the_published_selection_when_text_alone_exce
     assert kept.tolist() == [0, 1, 7, 8, 9] and out_keys.flatten().tolist() == [0.0, 1.0, 49.0, 64.0, 81.0]
 
 
+def test_without_protect_prefix_the_text_before_the_image_competes_for_anchors_and_the_instruction_stays():
+    keys, values = squares(12)
+    image = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 0, 0], dtype=torch.bool)  # 4 prefix, 6 image, 2 after
+    scores = torch.tensor([9.0, 0, 0, 0, 0, 5, 0, 0, 4, 0, 9, 9])
+    # C0 = 6. Protecting all text (sink, 1..3, 10, tail) fills C0: the image is dropped whole.
+    starved = compress_prompt(keys, values, scores, 0.5, image=image, protect_text=True)[2]
+    assert starved.tolist() == [0, 1, 2, 3, 10, 11]
+    out_keys, _, kept = compress_prompt(keys, values, scores, 0.5, image=image, protect_text=True, protect_prefix=False)
+    # sink 0, the instruction 10 and the tail 11 kept whole; 1..9 compete for 3 anchors: 5 and 8 (highest
+    # scores) and 1 (lowest position of the ties); the prefix merges like an image token
+    assert kept.tolist() == [0, 1, 5, 8, 10, 11]
+    expected = [0.0, (1 + 4 + 9) / 3, (16 + 25 + 36) / 3, (49 + 64 + 81) / 3, 100.0, 121.0]
+    torch.testing.assert_close(out_keys.flatten(), torch.tensor(expected))
+    # a row without image tokens has no prefix: all its text is protected, as with protect_prefix
+    no_image = torch.zeros(12, dtype=torch.bool)
+    assert compress_prompt(keys, values, scores, 0.9, image=no_image, protect_text=True, protect_prefix=False)[2].tolist() \
+        == compress_prompt(keys, values, scores, 0.9, image=no_image, protect_text=True)[2].tolist()
+
+
 def test_assign_key_merges_each_entry_into_the_anchor_with_the_most_similar_key():
     # two heads, one dimension each: the cosine is over both heads' keys concatenated
     directions = {"a": (1.0, 0.0), "b": (0.0, 1.0), "c": (1.0, 1.0)}
@@ -100,10 +119,10 @@ def test_assign_key_merges_each_entry_into_the_anchor_with_the_most_similar_key(
     assert nearest[0, :, 0].tolist() == [0.0, (1 + 2) / 2, (3 + 4 + 5) / 3, 6.0]
 
 
-@pytest.mark.parametrize("protect_text", [False, True])
+@pytest.mark.parametrize("protect_text,protect_prefix", [(False, True), (True, True), (True, False)])
 @pytest.mark.parametrize("assign", ["position", "key"])
 @pytest.mark.parametrize("merge", [True, False])
-def test_the_batched_path_agrees_with_the_pure_function_for_every_option(protect_text, assign, merge):
+def test_the_batched_path_agrees_with_the_pure_function_for_every_option(protect_text, protect_prefix, assign, merge):
     rng = random.Random(1)
     for trial in range(30):
         budget = rng.choice([0.1, 0.2, 0.35, 0.5, 0.9, 1.0])
@@ -117,12 +136,13 @@ def test_the_batched_path_agrees_with_the_pure_function_for_every_option(protect
         start = [rng.randint(0, 10) for _ in range(3)]  # image tokens in [start, start + 20)
         image = torch.stack([(torch.arange(width) >= s) & (torch.arange(width) < s + 20) for s in start])
         policy = ElasticCache(budget=budget, sink=sink, protect=protect, merge=merge, protect_text=protect_text,
-                              assign=assign)
+                              protect_prefix=protect_prefix, assign=assign)
         batched = apply_selection(keys, values, policy.select_prompt(scores, lengths, image=image, keys=keys))
         for row, length in enumerate(lengths.tolist()):
             k, v = keys[row, :, :length], values[row, :, :length]
             ref_k, ref_v, kept = compress_prompt(k, v, scores[row, :length], budget, sink=sink, protect=protect,
-                                                 image=image[row, :length], protect_text=protect_text, assign=assign)
+                                                 image=image[row, :length], protect_text=protect_text,
+                                                 protect_prefix=protect_prefix, assign=assign)
             if not merge:
                 ref_k, ref_v = k[:, kept], v[:, kept]
             n = int(batched.lengths[row])

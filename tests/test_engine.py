@@ -19,6 +19,7 @@ METHODS = [
     ("elastic", 0.5, {"offset": 4}),
     ("elastic", 0.3, {"protect_text": True, "importance": "mean"}),
     ("elastic-vl", 0.5, {}),
+    ("elastic-vl", 0.3, {"protect_prefix": False}),
     ("h2o", 0.5, {}),
     ("streaming", 0.5, {}),
 ]

@@ -16,6 +16,7 @@ METHODS = [
     ("elastic", {"merge": False}),
     ("elastic", {"offset": 4}),
     ("elastic", {"protect_text": True}),
+    ("elastic-vl", {"protect_prefix": False}),
     ("elastic", {"importance": "mean"}),
     ("elastic", {"importance": "instruction"}),
     ("elastic", {"assign": "key"}),

@@ -21,7 +21,7 @@ from elastic_ray.kv.entries import apply_selection
         ({"method": "elastic", "budget": 0.0}, r"budget must be in \(0, 1\]"),
         ({"method": "elastic", "budget": 1.5}, r"budget must be in \(0, 1\]"),
         ({"method": "elastic", "budget": "half"}, r"budget must be a number"),
-        ({"method": "elastic", "budget": 0.5, "window": 3}, r"no option\(s\) \['window'\]; allowed: \['assign', 'importance', 'layer_budgets', 'merge', 'offset', 'positions', 'protect', 'protect_text', 'sink'\]"),
+        ({"method": "elastic", "budget": 0.5, "window": 3}, r"no option\(s\) \['window'\]; allowed: \['assign', 'importance', 'layer_budgets', 'merge', 'offset', 'positions', 'protect', 'protect_prefix', 'protect_text', 'sink'\]"),
         ({"method": "streaming", "budget": 0.5, "merge": True}, r"allowed: \['layer_budgets', 'sink'\]"),
         ({"method": "elastic", "budget": 0.5, "positions": "shifted"}, r"positions must be one of \('original', 'compact'\)"),
         ({"method": "elastic", "budget": 0.5, "importance": "max"}, r"importance must be one of \('sum', 'mean', 'instruction'\)"),

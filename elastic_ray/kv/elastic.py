@@ -7,7 +7,9 @@ preset that turns them on, `elastic-vl`:
 - `protect_text`: no non-image prompt token is a candidate; they are all kept, like the sink
   and the protected tail, and nothing merges into them. The prompt still keeps C0 entries, so
   fewer image anchors. A row whose protected entries alone exceed C0 is compressed as without
-  the option (so it never outgrows its slot).
+  the option (so it never outgrows its slot). `protect_prefix=False` leaves the text before the
+  first image token (a system prompt, a role tag) out of that protection: it competes with the
+  image entries for anchors, and only the instruction after the image is kept whole.
 - `importance`: "sum" (paper), "mean" (each column sum divided by the queries that see the
   key) or "instruction" (only the queries after the last image token; see `counted_queries`).
 - `assign`: "position" (paper: nearest anchor) or "key": the anchor whose key is most similar
@@ -31,7 +33,7 @@ ASSIGN = ("position", "key")
 
 def compress_prompt(
     keys: Tensor, values: Tensor, scores: Tensor, budget: float, *, sink: int = 1, protect: int = 1,
-    image: Tensor | None = None, protect_text: bool = False, assign: str = "position",
+    image: Tensor | None = None, protect_text: bool = False, protect_prefix: bool = True, assign: str = "position",
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The prompt stage for one sequence and one layer, exactly as spec §10 states it (with the
     options of this module).
@@ -46,9 +48,11 @@ def compress_prompt(
         return keys, values, torch.arange(length, device=keys.device)
     candidates = list(range(sink, length - protect))
     if protect_text:
-        text = [t for t in candidates if not image[t]]
+        # the protected text starts at the first image token without protect_prefix (a row without one: all of it)
+        start = 0 if protect_prefix else next((t for t in range(length) if image[t]), 0)
+        text = {t for t in candidates if not image[t] and t >= start}
         if sink + protect + len(text) <= kept_len:
-            candidates = [t for t in candidates if image[t]]
+            candidates = [t for t in candidates if t not in text]
     protected = [t for t in range(length) if t not in candidates]
     by_score = sorted(candidates, key=lambda t: (-float(scores[t]), t))
     anchors = sorted(by_score[: kept_len - len(protected)])
@@ -78,6 +82,7 @@ class ElasticCache(CachePolicy):
     merge: bool = True
     positions: str = field(default="original", metadata={"choices": POSITIONS})
     protect_text: bool = False
+    protect_prefix: bool = True
     importance: str = field(default="sum", metadata={"choices": IMPORTANCE})
     assign: str = field(default="position", metadata={"choices": ASSIGN})
 
@@ -113,8 +118,11 @@ class ElasticCache(CachePolicy):
         if self.protect_text:
             if image is None:
                 raise ValueError("protect_text needs the prompt's image-token mask")
-            fits = (real & ~(candidate & image)).sum(1) <= kept  # sink, tail and text within C0
-            candidate &= image | ~fits[:, None]
+            text = candidate & ~image
+            if not self.protect_prefix:  # only the text from the first image token on (no image: all of it)
+                text &= pos >= torch.where(image.any(1), image.int().argmax(1), 0)[:, None]
+            fits = (real & ~candidate).sum(1) + text.sum(1) <= kept  # sink, tail and protected text within C0
+            candidate &= ~(text & fits[:, None])
         protected = real & ~candidate
         num_anchors = (kept - protected.sum(1)).clamp(min=0)
         # Stable descending sort: equal scores keep the lower position first.
